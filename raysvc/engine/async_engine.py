@@ -1,0 +1,126 @@
+"""`AsyncEngine`: the engine behind an asyncio API, as the Ray worker actor needs it.
+
+The step loop runs in one background thread (the model's matmuls release the GIL, so
+the event loop stays responsive), and every engine call — add, abort, step — goes
+through that same single thread, so the engine itself needs no locks. Each request gets
+an async iterator of its incremental outputs; leaving the iterator early (a client
+disconnect) aborts the request and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from raysvc.engine.config import EngineConfig
+from raysvc.engine.llm_engine import LLMEngine
+from raysvc.engine.outputs import RequestOutput
+from raysvc.engine.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop failed; in-flight requests cannot finish on this engine."""
+
+
+class AsyncEngine:
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="raysvc-engine")
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._has_work: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._ids = itertools.count()
+        self._dead: BaseException | None = None
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._has_work = asyncio.Event()
+            self._loop_task = asyncio.create_task(self._run())
+
+    async def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Enqueue a request; returns the async iterator of its outputs.
+
+        Validation errors (ValueError naming the field) are raised here, before anything
+        is queued. Each output is cumulative; the last one has `finished=True`.
+        """
+        if self._dead is not None:
+            raise EngineDeadError("engine step loop failed") from self._dead
+        self._ensure_loop()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        try:
+            await self._call(self.engine.add_request, request_id, prompt, params)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        self._has_work.set()
+        return self._stream(request_id, queue)
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """vLLM-style: `async for out in engine.generate(prompt, params)`."""
+        async for out in await self.add_request(request_id, prompt, params):
+            yield out
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError("engine step loop failed") from item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and self._dead is None:
+                # The consumer left early (e.g. client disconnect): free the request's blocks.
+                await asyncio.shield(self._call(self.engine.abort, request_id))
+
+    async def abort(self, request_id: str) -> None:
+        out = await self._call(self.engine.abort, request_id)
+        queue = self._streams.get(request_id)
+        if out is not None and queue is not None:
+            out.finished = True
+            queue.put_nowait(out)
+
+    async def stats(self) -> dict[str, int]:
+        return await self._call(self.engine.stats)
+
+    async def _run(self) -> None:
+        while True:
+            if not self.engine.has_unfinished_requests():
+                self._has_work.clear()
+                await self._has_work.wait()
+                continue
+            try:
+                outputs = await self._call(self.engine.step)
+            except Exception as e:  # a failed step leaves the engine's state unknown
+                self._dead = e
+                for queue in self._streams.values():
+                    queue.put_nowait(e)
+                raise
+            for out in outputs:
+                queue = self._streams.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._thread.shutdown(wait=False, cancel_futures=True)

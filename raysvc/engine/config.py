@@ -1,0 +1,61 @@
+"""Engine settings, named as in vLLM's `LLM(...)`, checked before anything is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from raysvc.models.attention import BACKENDS
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | None = None  # checkpoint directory; None = the built-in "tiny" model
+    tokenizer: str | None = None  # defaults to the model directory
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None  # KV byte budget (CPU default: 1 GiB)
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    attention_backend: str = "auto"  # auto | triton | torch
+    seed: int = 0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown engine argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        def positive(name: str, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+        positive("block_size")
+        if self.block_size & (self.block_size - 1) or self.block_size < 8:
+            raise ValueError(f"block_size: must be a power of two >= 8, got {self.block_size}")
+        positive("num_kv_blocks", allow_none=True)
+        positive("kv_cache_memory_bytes", allow_none=True)
+        positive("max_num_seqs")
+        positive("max_num_batched_tokens")
+        positive("max_model_len", allow_none=True)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(
+                f"attention_backend: {self.attention_backend!r} is not one of {', '.join(BACKENDS)}"
+            )

@@ -1,0 +1,286 @@
+"""One engine on one device: requests in, tokens out, one `step()` at a time.
+
+`step()` = schedule -> run the model over the flat batch -> sample one token for every
+sequence that caught up -> detokenize, check stop conditions, free finished sequences.
+No Ray and no asyncio here; `AsyncEngine` and the worker actor wrap it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from raysvc.engine.block_manager import BlockManager
+from raysvc.engine.config import EngineConfig
+from raysvc.engine.detokenizer import detokenize_step, find_stop_string, visible_text
+from raysvc.engine.kv_cache import KVCache, plan_num_blocks
+from raysvc.engine.model_runner import ModelRunner
+from raysvc.engine.outputs import CompletionOutput, RequestOutput
+from raysvc.engine.sampler import Sampler
+from raysvc.engine.sampling_params import SamplingParams
+from raysvc.engine.scheduler import Scheduler
+from raysvc.engine.sequence import Request, Sequence
+from raysvc.models.attention import make_backend
+from raysvc.models.config import ModelConfig, parse_dtype
+from raysvc.models.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model_path = resolve_model_path(config.model)
+        self.model_path = model_path
+        self.model_config = mc = ModelConfig.from_dir(model_path)
+        self.device = resolve_device(config.device)
+        self.dtype = parse_dtype(config.dtype, mc.dtype)
+        self.tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else model_path)
+        self.eos_token_ids = eos_token_ids(model_path, mc, self.tokenizer)
+
+        max_len = config.max_model_len or mc.max_position_embeddings
+        if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len: {config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({mc.max_position_embeddings})")
+        if mc.sliding_window and max_len > mc.sliding_window:
+            logger.warning("max_model_len capped to the sliding window (%d): sliding-window "
+                           "attention is not implemented", mc.sliding_window)
+            max_len = mc.sliding_window
+
+        model = load_model(model_path, mc, self.dtype, self.device, max_len)
+        # Room for the step's activations: logits of every sequence plus hidden states.
+        reserve = config.max_num_batched_tokens * mc.hidden_size * 64 + \
+            config.max_num_seqs * mc.vocab_size * 8
+        num_blocks = plan_num_blocks(
+            mc, self.dtype, self.device, config.block_size, config.num_kv_blocks,
+            config.kv_cache_memory_bytes, config.gpu_memory_utilization, reserve,
+        )
+        if num_blocks * config.block_size < max_len:
+            logger.warning("max_model_len capped to the KV pool's %d tokens",
+                           num_blocks * config.block_size)
+            max_len = num_blocks * config.block_size
+        self.max_model_len = max_len
+
+        kv_cache = KVCache(mc, num_blocks, config.block_size, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, kv_cache, make_backend(config.attention_backend,
+                                                                self.device))
+        self.sampler = Sampler(mc.vocab_size, self.device, config.seed)
+        self.requests: dict[str, Request] = {}
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+        self.num_computed_tokens = 0
+
+    # -- requests --------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+    ) -> None:
+        """Validate and enqueue; a bad request raises ValueError and leaves no trace."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params)}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt)
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(token_ids)} tokens leave no room to generate within "
+                             f"max_model_len={self.max_model_len}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer, and this model has none")
+        text = prompt if isinstance(prompt, str) else None
+        request = Request(request_id, text, token_ids, params, self.eos_token_ids)
+        self.requests[request_id] = request
+        self.scheduler.add(request.seqs[0])
+        self.num_prompt_tokens += len(token_ids)
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: text prompts need a tokenizer; pass token ids")
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            token_ids = list(prompt)
+            bad = [t for t in token_ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {self.model_config.vocab_size})")
+        else:
+            raise ValueError(f"prompt: expected a string or a list of token ids, got "
+                             f"{type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError("prompt: is empty")
+        return token_ids
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request at any moment; its blocks are freed at once."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.abort(request)
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step --------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.scheduled:
+            return []
+        sample_rows = [
+            i for i, s in enumerate(batch.scheduled)
+            if s.seq.num_computed_tokens + s.num_tokens == s.seq.num_tokens
+        ]
+        logits = self.runner.execute(batch, sample_rows)
+        for item in batch.scheduled:
+            item.seq.num_computed_tokens += item.num_tokens
+        self.num_computed_tokens += batch.num_tokens
+
+        seqs, rows = [], []
+        for row, i in enumerate(sample_rows):
+            seq = batch.scheduled[i].seq
+            seqs.append(seq)
+            rows.append(row)
+            if seq.request.fork_pending:
+                for child in self._fork(seq):
+                    seqs.append(child)
+                    rows.append(row)
+        if not seqs:
+            return []
+        result = self.sampler(logits[rows], seqs)
+
+        touched: dict[str, Request] = {}
+        for seq, token, logprobs in zip(seqs, result.token_ids, result.logprobs, strict=True):
+            self._append_token(seq, token, logprobs)
+            touched[seq.request.request_id] = seq.request
+        outputs = []
+        for request in touched.values():
+            outputs.append(self._output(request))
+            if request.finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Split a request into its n samples once its prompt is computed."""
+        request = parent.request
+        request.fork_pending = False
+        children = []
+        for index in range(1, request.params.n):
+            child = Sequence(request, index, parent=parent)
+            self.block_manager.fork(parent, child)
+            self.scheduler.add_forked(child)
+            request.seqs.append(child)
+            children.append(child)
+        return children
+
+    def _append_token(self, seq: Sequence, token: int, logprobs) -> None:
+        params = seq.request.params
+        seq.token_ids.append(token)
+        self.num_generated_tokens += 1
+        if logprobs is not None:
+            if self.tokenizer is not None:
+                for tid, lp in logprobs.items():
+                    lp.decoded_token = self.tokenizer.decode([tid])
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token].logprob
+        delta = detokenize_step(self.tokenizer, seq) if self.tokenizer is not None else ""
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        if may_stop and token in seq.request.stop_token_ids:
+            seq.finish("stop", token)
+        elif may_stop and delta and params.stop and (stop := find_stop_string(seq, len(delta))):
+            seq.finish("stop", stop)
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish("length")
+        if seq.is_finished:
+            self.scheduler.finish(seq)
+
+    def _output(self, request: Request) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=s.index,
+                text=visible_text(s),
+                token_ids=s.output_token_ids,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+            )
+            for s in sorted(request.seqs, key=lambda s: s.index)
+        ]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
+                             finished=request.finished)
+
+    def stats(self) -> dict[str, int]:
+        bm = self.block_manager
+        return {
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_free": bm.num_free_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_generated_tokens": self.num_generated_tokens,
+            "num_computed_tokens": self.num_computed_tokens,
+        }
+
+
+def resolve_model_path(model: str | None) -> Path:
+    if model is None:
+        from raysvc.models.builtin import path
+
+        return path("tiny")
+    if model in ("tiny", "tiny-draft"):
+        from raysvc.models.builtin import path
+
+        return path(model)
+    return Path(model)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device: {device!r} is not a device ({e})") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {device!r} is not supported (cpu or cuda)")
+    return resolved
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's Hugging Face tokenizer, or None when it ships none (token ids only)."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                              "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def eos_token_ids(path: Path, config: ModelConfig, tokenizer) -> tuple[int, ...]:
+    """End-of-sequence ids as `generate` sees them: generation_config.json first."""
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, list) else (eos,)
+    if config.eos_token_ids:
+        return config.eos_token_ids
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return (tokenizer.eos_token_id,)
+    return ()

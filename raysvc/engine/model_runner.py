@@ -1,0 +1,82 @@
+"""Builds one step's flat input batch and runs the model over it.
+
+The batch is every scheduled sequence's new tokens, concatenated; positions, slot
+mapping, block tables and query boundaries describe where each token sits in its
+sequence and in the paged pool.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from raysvc.engine.kv_cache import KVCache
+from raysvc.engine.scheduler import SchedulerOutput
+from raysvc.models.attention import AttentionBackend, AttentionMetadata
+from raysvc.models.llama import LlamaModel
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, backend: AttentionBackend) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.backend = backend
+        self.device = model.device
+        self.block_size = kv_cache.block_size
+
+    def execute(self, batch: SchedulerOutput, sample_rows: list[int]) -> torch.Tensor:
+        """Run one step; return logits [len(sample_rows), vocab] for the given sequences.
+
+        `sample_rows` indexes `batch.scheduled`: the sequences whose last new token is
+        the last known one, i.e. those that get a new token this step.
+        """
+        if batch.block_copies:
+            self.kv_cache.copy_blocks(batch.block_copies)
+        input_ids, positions, meta = self.prepare_inputs(batch)
+        hidden = self.model.forward(input_ids, positions, self.kv_cache.layers, meta, self.backend)
+        ends = list(itertools.accumulate(s.num_tokens for s in batch.scheduled))
+        last_token = [ends[r] - 1 for r in sample_rows]
+        return self.model.compute_logits(hidden[last_token])
+
+    def prepare_inputs(
+        self, batch: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flat input ids [num_tokens], positions [num_tokens] and the attention metadata."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        for item in batch.scheduled:
+            seq = item.seq
+            start = seq.num_computed_tokens
+            end = start + item.num_tokens
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            query_start.append(query_start[-1] + item.num_tokens)
+            seq_lens.append(end)
+            tables.append(seq.block_table)
+        max_blocks = max(len(t) for t in tables)
+        dev = self.device
+        block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables],
+                                    dtype=torch.int32, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        query_start_loc = torch.tensor(query_start, dtype=torch.int32, device=dev)
+        q_lens = [e - s for s, e in zip(query_start, query_start[1:], strict=False)]
+        seq_of_token = torch.repeat_interleave(
+            torch.arange(len(tables), device=dev), torch.tensor(q_lens, device=dev)
+        )
+        bs = self.block_size
+        slot_mapping = block_tables[seq_of_token, pos // bs].long() * bs + pos % bs
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            query_start_loc=query_start_loc,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            max_query_len=max(q_lens),
+            max_seq_len=max(seq_lens),
+            block_size=bs,
+        )
+        self.backend.prepare(meta)
+        return torch.tensor(input_ids, dtype=torch.long, device=dev), pos, meta

@@ -1,0 +1,127 @@
+"""Turn one row of logits per sequence into its next token.
+
+Order, as in vLLM: raw logprobs (reported to the user) -> penalties -> min_tokens
+suppression -> greedy argmax, or temperature -> top_k -> top_p -> min_p -> sample.
+
+Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws
+exactly from p. A seeded sequence draws E from its own generator, so its output does not
+depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raysvc.engine.outputs import Logprob
+from raysvc.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob] | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence]  # logits: [num_seqs, vocab] fp32
+    ) -> SampleResult:
+        logits = logits[:, : self.vocab_size].float()
+        params = [s.request.params for s in seqs]
+        raw_logprobs = None
+        if any(p.logprobs is not None for p in params):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if any(p.needs_penalties for p in params):
+            logits = logits.clone()
+            for row, seq in enumerate(seqs):
+                if seq.request.params.needs_penalties:
+                    _apply_penalties(logits[row], seq)
+        for row, seq in enumerate(seqs):
+            if seq.num_output_tokens < seq.request.params.min_tokens and seq.request.stop_token_ids:
+                logits[row, list(seq.request.stop_token_ids)] = float("-inf")
+
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            tokens[random_rows] = self._sample(logits[random_rows], [seqs[i] for i in random_rows])
+        token_list = tokens.tolist()
+        if raw_logprobs is not None:
+            raw_logprobs = raw_logprobs.cpu()
+
+        logprobs: list[dict[int, Logprob] | None] = [None] * len(seqs)
+        if raw_logprobs is not None:
+            for row, p in enumerate(params):
+                if p.logprobs is not None:
+                    logprobs[row] = _top_logprobs(raw_logprobs[row], token_list[row], p.logprobs)
+        return SampleResult(token_list, logprobs)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [s.request.params for s in seqs]
+        dev = logits.device
+        temps = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
+        logits = logits / temps
+        top_ks = [p.top_k if p.top_k > 0 else self.vocab_size for p in params]
+        top_ps = [p.top_p for p in params]
+        if min(top_ks) < self.vocab_size or min(top_ps) < 1.0:
+            logits = _top_k_top_p(logits, torch.tensor(top_ks, device=dev),
+                                  torch.tensor(top_ps, device=dev))
+        probs = torch.softmax(logits, dim=-1)
+        min_ps = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
+        if bool((min_ps > 0).any()):
+            probs = probs.masked_fill(probs < min_ps * probs.max(dim=-1, keepdim=True).values, 0)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
+        if unseeded:
+            noise[unseeded] = noise[unseeded].exponential_(generator=self.generator)
+        for i, s in enumerate(seqs):
+            if s.generator is not None:
+                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=s.generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:  # logits: [vocab], in place
+    p = seq.request.params
+    vocab = logits.shape[0]
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
+        seen = seen[seen < vocab]
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
+                                   vals * p.repetition_penalty)
+    if p.presence_penalty or p.frequency_penalty:
+        out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(out, minlength=vocab)[:vocab].float()
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+
+
+def _top_k_top_p(
+    logits: torch.Tensor,  # [rows, vocab]
+    top_k: torch.Tensor,  # [rows] int
+    top_p: torch.Tensor,  # [rows] float
+) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
+    drop = ranks >= top_k.unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+    mass_before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p.unsqueeze(1), float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def _top_logprobs(row: torch.Tensor, token: int, n: int) -> dict[int, Logprob]:
+    chosen = float(row[token])
+    result = {token: Logprob(chosen, int((row > row[token]).sum()) + 1)}
+    if n:
+        values, ids = row.topk(n)
+        for rank, (tid, lp) in enumerate(zip(ids.tolist(), values.tolist(), strict=True), 1):
+            result.setdefault(tid, Logprob(lp, rank))
+    return result

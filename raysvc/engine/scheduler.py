@@ -1,0 +1,125 @@
+"""Iteration-level continuous batching, with one rule (as in vLLM v1).
+
+Every step, each scheduled sequence's computed tokens catch up toward its known tokens,
+under a per-step token budget (`max_num_batched_tokens`) and a cap on running
+sequences (`max_num_seqs`). That one rule covers everything:
+
+- a new prompt is computed in chunks of at most the remaining budget (chunked prefill),
+  and its chunks share a step with other sequences' decodes;
+- a decoding sequence is one token behind (its last sampled token), so it takes one;
+- a preempted sequence lost its KV and must recompute prompt + outputs, like a prompt.
+
+Running sequences are served first, oldest first. When the pool has no block left for
+one, the newest running sequence is preempted (its blocks freed, recomputed later)
+until the older one fits. Waiting sequences are admitted in FCFS order, only while
+their blocks are available and only in a step without preemption; a preempted sequence
+goes back to the head of the queue, so nobody starves.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from raysvc.engine.block_manager import BlockManager
+from raysvc.engine.sequence import Request, Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # new tokens computed for it this step
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                out.block_copies += self.block_manager.allocate(seq, n)
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+                i += 1
+
+        while self.waiting and budget > 0 and not preempted:
+            seq = self.waiting[0]
+            seats = seq.request.params.n if seq.request.fork_pending else 1
+            if len(self.running) + seats > self.max_num_seqs:
+                break
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, n):
+                break
+            self.waiting.popleft()
+            out.block_copies += self.block_manager.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Drop the sequence's KV; it recomputes prompt + outputs when readmitted."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def add_forked(self, child: Sequence) -> None:
+        """A sample forked from a running parent runs alongside it from the next step."""
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished sequence (its status already set)."""
+        self.block_manager.free(seq)
+        self.running.remove(seq)
+
+    def abort(self, request: Request) -> None:
+        for seq in request.seqs:
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+            elif seq.status is SequenceStatus.WAITING:
+                self.waiting.remove(seq)
+            self.block_manager.free(seq)
+            if not seq.is_finished:
+                seq.finish("abort")
+        request.fork_pending = False

@@ -1,0 +1,75 @@
+"""`LLM`: offline batched generation, shaped like vLLM's so users feel at home."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from raysvc.engine.config import EngineConfig
+from raysvc.engine.llm_engine import LLMEngine
+from raysvc.engine.outputs import RequestOutput
+from raysvc.engine.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Load a model once, then `generate` batches of prompts through the engine.
+
+    >>> llm = LLM()  # the built-in "tiny" model on CPU
+    >>> out = llm.generate(["The list type"], SamplingParams(max_tokens=8, temperature=0))
+    """
+
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order.
+
+        prompts: a string, a list of strings, or a list of token-id lists.
+        """
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        added: list[str] = []
+        try:
+            for request_id, prompt, p in zip(ids, prompts, params, strict=True):
+                self.engine.add_request(request_id, prompt, p)
+                added.append(request_id)
+        except ValueError:
+            for request_id in added:
+                self.engine.abort(request_id)
+            raise
+
+        final: dict[str, RequestOutput] = {}
+        try:
+            while len(final) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
+        return [final[i] for i in ids]
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()

@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny random checkpoints of each architecture, saved by transformers.
+
+Hugging Face transformers is the independent reference: the same checkpoint directory is
+loaded by HF (the oracle) and by raysvc (under test).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton's interpreter must be chosen before triton is imported anywhere.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Two cores, shared with Ray workers and other processes: one intra-op thread avoids
+# OpenMP threads spinning against each other (a 100x slowdown on tiny matmuls).
+torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from raysvc.engine.llm_engine import LLMEngine  # noqa: E402
+
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
+            bos_token_id=1, eos_token_id=2)
+
+ARCHS = {
+    "llama": lambda **kw: LlamaConfig(**{**BASE, **kw}),
+    "llama3-rope": lambda **kw: LlamaConfig(**{**BASE, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}, **kw}),
+    "mistral": lambda **kw: MistralConfig(**{**BASE, "sliding_window": None, **kw}),
+    "qwen2": lambda **kw: Qwen2Config(**{**BASE, **kw}),
+    "qwen3": lambda **kw: Qwen3Config(**{**BASE, "head_dim": 32, **kw}),
+}
+
+
+def _train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in a second on a little English, with bos/eos tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["The list type is a mutable sequence. Lists may be constructed in several ways.",
+            "Stop strings end the text; the returned text never contains them. héllo wörld ☃",
+            "def f(x):\n    return x * 2  # doubles"] * 50
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """make_checkpoint(arch, seed=0, tokenizer=True, **config) -> (path, hf_model)."""
+    cache: dict = {}
+
+    def make(arch: str = "llama", seed: int = 0, tokenizer: bool = True, shard: bool = False,
+             dtype: torch.dtype = torch.float32, **overrides):
+        key = (arch, seed, tokenizer, shard, dtype, tuple(sorted(overrides.items())))
+        if key not in cache:
+            torch.manual_seed(seed)
+            config = ARCHS[arch](**overrides)
+            model = AutoModelForCausalLM.from_config(config).eval()
+            # Random init gives near-uniform logits; widen them so greedy choices are not
+            # decided by rounding noise.
+            with torch.no_grad():
+                model.get_output_embeddings().weight.mul_(8.0)
+            path = tmp_path_factory.mktemp(f"ckpt-{arch}")
+            model.to(dtype).save_pretrained(path, max_shard_size="100KB" if shard else "10GB")
+            if tokenizer:
+                _train_tokenizer(config.vocab_size).save_pretrained(path)
+            cache[key] = (str(path), model)
+        return cache[key]
+
+    return make
+
+
+def assert_no_leaks(engine: LLMEngine) -> None:
+    stats = engine.stats()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"], stats
+    assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
+    assert sum(engine.block_manager.ref_counts) == 0
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """HF generate, greedy, no early stop: the oracle for raysvc's greedy tokens."""
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                         dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
