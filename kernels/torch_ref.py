@@ -38,12 +38,13 @@ def store_kv(
 
 @dataclass(slots=True)
 class _Group:
-    """Sequences attended together: padded query rows and gathered context slots."""
+    """Sequences attended together: padded query rows and the blocks of their context."""
 
     q_index: torch.Tensor  # [g, max_q] token index into q (clamped for padding)
     q_valid: torch.Tensor  # [g, max_q] bool
-    slots: torch.Tensor  # [g, max_ctx] flat KV slot (0 where padded)
-    mask: torch.Tensor  # [g, 1, max_q, max_ctx] bool, True = may attend
+    blocks: torch.Tensor  # [g, num_blocks] block ids covering the longest context
+    mask: torch.Tensor  # [g, 1, max_q, num_blocks * block_size] bool, True = may attend
+    fresh: bool = False  # one sequence whose context is exactly its new tokens (plain prefill)
 
 
 @dataclass(slots=True)
@@ -54,20 +55,29 @@ class AttentionPlan:
     groups: list[_Group]
 
 
+DECODE_BUCKET = 16  # decodes per group: bounds the padding to the bucket's longest context
+
+
 def plan_attention(
     block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32, context incl. new tokens
     block_size: int,
 ) -> AttentionPlan:
+    """Decodes are sorted by context length and attended in buckets; every multi-token
+    query (prefill chunk, verification) is a group of its own, so nothing is padded much."""
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
-    is_decode = q_lens == 1
-    groups = []
-    for members in (is_decode.nonzero().flatten(), (~is_decode).nonzero().flatten()):
-        if members.numel():
-            groups.append(
-                _plan_group(members, block_tables, query_start_loc, seq_lens, q_lens, block_size)
-            )
+    decodes = (q_lens == 1).nonzero().flatten()
+    decodes = decodes[seq_lens[decodes].argsort()]
+    groups = [
+        _plan_group(members, block_tables, query_start_loc, seq_lens, q_lens, block_size)
+        for members in decodes.split(DECODE_BUCKET)
+        if members.numel()
+    ]
+    groups += [
+        _plan_group(member[None], block_tables, query_start_loc, seq_lens, q_lens, block_size)
+        for member in (q_lens > 1).nonzero().flatten()
+    ]
     return AttentionPlan(num_tokens=int(query_start_loc[-1]), groups=groups)
 
 
@@ -84,18 +94,21 @@ def _plan_group(
     ctx = seq_lens[members].long()
     ql = q_lens[members]
     max_q, max_ctx = int(ql.max()), int(ctx.max())
+    num_blocks = -(-max_ctx // block_size)
 
     j = torch.arange(max_q, device=device)
     q_valid = j[None, :] < ql[:, None]
     q_index = torch.where(q_valid, starts[:, None] + j[None, :], starts[:, None])
     q_pos = (ctx - ql)[:, None] + j[None, :]  # absolute position of each query
 
-    pos = torch.arange(max_ctx, device=device)
+    pos = torch.arange(num_blocks * block_size, device=device)
+    blocks = block_tables[members][:, :num_blocks].long()
     ctx_valid = pos[None, :] < ctx[:, None]
-    blocks = block_tables[members][:, pos // block_size].long()
-    slots = torch.where(ctx_valid, blocks * block_size + pos % block_size, 0)
+    blocks = torch.where(ctx_valid[:, ::block_size], blocks, 0)  # padding entries may be junk
     mask = (pos[None, None, :] <= q_pos[:, :, None]) & ctx_valid[:, None, :]
-    return _Group(q_index=q_index, q_valid=q_valid, slots=slots, mask=mask[:, None])
+    fresh = len(members) == 1 and max_q == max_ctx
+    return _Group(q_index=q_index, q_valid=q_valid, blocks=blocks, mask=mask[:, None],
+                  fresh=fresh)
 
 
 def attend(
@@ -105,20 +118,45 @@ def attend(
     plan: AttentionPlan,
     scale: float,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # this step's K, V [num_tokens, ...]
 ) -> torch.Tensor:
-    """Causal attention of each query over its sequence's paged context, per plan."""
+    """Causal attention of each query over its sequence's paged context, per plan.
+
+    GQA without copies: the query heads sharing a KV head become extra query rows of
+    that head ([g, kv_heads, group * max_q, head_dim]), so K/V are never repeated.
+    A plain prefill (context = its new tokens) given `new_kv` attends to those directly
+    with a causal SDPA, skipping the gather from the pool and the explicit mask.
+    """
     if out is None:
         out = torch.empty_like(q)
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    group = q.shape[1] // num_kv_heads
     compute_dtype = torch.float32 if q.device.type == "cpu" else q.dtype
     for g in plan.groups:
-        qg = q[g.q_index].to(compute_dtype).transpose(1, 2)  # [g, H, max_q, D]
-        kg = flat_k[g.slots].to(compute_dtype).transpose(1, 2)  # [g, KVH, max_ctx, D]
-        vg = flat_v[g.slots].to(compute_dtype).transpose(1, 2)
+        if g.fresh and new_kv is not None:
+            rows = g.q_index[0]
+            o = F.scaled_dot_product_attention(
+                q[rows].to(compute_dtype).transpose(0, 1),
+                new_kv[0][rows].to(compute_dtype).transpose(0, 1),
+                new_kv[1][rows].to(compute_dtype).transpose(0, 1),
+                is_causal=True, scale=scale, enable_gqa=True,
+            )  # [H, q_len, D]
+            out[rows] = o.transpose(0, 1).to(out.dtype)
+            continue
+        n, max_q = g.q_index.shape
+        qg = q[g.q_index].to(compute_dtype)  # [g, max_q, H, D]
+        qg = qg.view(n, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+        qg = qg.reshape(n, num_kv_heads, group * max_q, head_dim)
+        kg = k_cache[g.blocks].to(compute_dtype).view(n, -1, num_kv_heads, head_dim)
+        vg = v_cache[g.blocks].to(compute_dtype).view(n, -1, num_kv_heads, head_dim)
+        mask = g.mask.expand(n, 1, max_q, g.mask.shape[-1])
+        mask = mask.unsqueeze(2).expand(n, 1, group, max_q, mask.shape[-1]).reshape(
+            n, 1, group * max_q, -1)
         o = F.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True
-        ).transpose(1, 2)  # [g, max_q, H, D]
+            qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=mask, scale=scale
+        )  # [g, KVH, group * max_q, D]
+        o = o.view(n, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
+        o = o.reshape(n, max_q, num_kv_heads * group, head_dim)
         out[g.q_index[g.q_valid]] = o[g.q_valid].to(out.dtype)
     return out
 

@@ -7,7 +7,7 @@ import torch
 from conftest import ARCHS, assert_no_leaks, hf_greedy
 
 from raysvc import LLM, SamplingParams
-from raysvc.engine.scheduler import SchedulerOutput, ScheduledSeq
+from raysvc.engine.scheduler import ScheduledSeq, SchedulerOutput
 from raysvc.engine.sequence import Request
 
 PROMPT_LENS = (5, 17, 40, 3, 64, 9, 23, 31, 100)

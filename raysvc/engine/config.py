@@ -29,7 +29,8 @@ class EngineConfig:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(
-                f"unknown engine argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                f"unknown engine argument(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
             )
         config = cls(**kwargs)
         config.validate()

@@ -37,8 +37,10 @@ class AttentionBackend(Protocol):
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata) -> None: ...
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q, k, v: this step's [num_tokens, heads, head_dim], already stored in the pool."""
+        ...
 
 
 class TorchAttention:
@@ -54,8 +56,8 @@ class TorchAttention:
     def store_kv(self, k, v, k_cache, v_cache, meta):
         torch_ref.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
-    def attend(self, q, k_cache, v_cache, meta, scale):
-        return torch_ref.attend(q, k_cache, v_cache, meta.plan, scale)
+    def attend(self, q, k, v, k_cache, v_cache, meta, scale):
+        return torch_ref.attend(q, k_cache, v_cache, meta.plan, scale, new_kv=(k, v))
 
 
 class TritonAttention:
@@ -69,7 +71,7 @@ class TritonAttention:
     def store_kv(self, k, v, k_cache, v_cache, meta):
         kernels.triton_store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
-    def attend(self, q, k_cache, v_cache, meta, scale):
+    def attend(self, q, k, v, k_cache, v_cache, meta, scale):
         return kernels.triton_paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
             max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,

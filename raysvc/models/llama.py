@@ -91,7 +91,7 @@ class LlamaModel:
                 k = rms_norm(k, layer.k_norm, c.rms_norm_eps)
             q, k = self.rope(positions, q, k)
             backend.store_kv(k, v, k_cache, v_cache, meta)
-            o = backend.attend(q, k_cache, v_cache, meta, self.scale)
+            o = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)
             h = residual + F.linear(o.reshape(-1, self._q_size), layer.o_w, layer.o_b)
 
             residual = h

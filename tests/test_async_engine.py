@@ -1,0 +1,82 @@
+"""AsyncEngine: streaming, concurrent requests, abort, and a consumer that walks away."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import assert_no_leaks
+
+from raysvc import LLM, AsyncEngine, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def path(make_checkpoint):
+    return make_checkpoint("llama")[0]
+
+
+def test_streams_match_offline_generate(path):
+    prompts = [[5, 6, 7], list(range(3, 40)), [9] * 17]
+    expected = [o.outputs[0].token_ids for o in LLM(path).generate(prompts, GREEDY)]
+
+    async def main():
+        engine = AsyncEngine(path, max_num_batched_tokens=16)
+
+        async def consume(i, prompt):
+            seen = []
+            async for out in await engine.add_request(f"r{i}", prompt, GREEDY):
+                tokens = out.outputs[0].token_ids
+                assert tokens[: len(seen)] == seen  # cumulative, growing
+                seen = tokens
+            assert out.finished and out.outputs[0].finish_reason == "length"
+            return seen
+
+        results = await asyncio.gather(*(consume(i, p) for i, p in enumerate(prompts)))
+        stats = await engine.stats()
+        await engine.shutdown()
+        return results, stats, engine
+
+    results, stats, engine = asyncio.run(main())
+    assert results == expected
+    assert_no_leaks(engine.engine)
+
+
+def test_abort_and_early_exit_free_blocks(path):
+    async def main():
+        engine = AsyncEngine(path)
+        long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+        stream = await engine.add_request("aborted", list(range(3, 30)), long)
+        outs = []
+
+        async def consume():
+            async for out in stream:
+                outs.append(out)
+
+        task = asyncio.create_task(consume())
+        while not outs:
+            await asyncio.sleep(0.01)
+        await engine.abort("aborted")
+        await asyncio.wait_for(task, 30)
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+
+        # a consumer that stops reading (client disconnect) aborts its request
+        stream2 = await engine.add_request("walks-away", list(range(3, 30)), long)
+        async for _ in stream2:
+            break
+        await stream2.aclose()
+        for _ in range(100):
+            if not engine.engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.02)
+
+        with pytest.raises(ValueError, match="prompt: token id"):
+            await engine.add_request("bad", [10**7], GREEDY)
+        ok = [o async for o in engine.generate([5, 6, 7], GREEDY)]
+        await engine.shutdown()
+        return engine, ok
+
+    engine, ok = asyncio.run(main())
+    assert ok[-1].finished
+    assert_no_leaks(engine.engine)

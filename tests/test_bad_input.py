@@ -1,0 +1,121 @@
+"""Bad input at the Python API: a ValueError naming the field, and no harm to anyone else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import assert_no_leaks
+
+from raysvc import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(make_checkpoint):
+    return LLM(make_checkpoint("llama")[0], max_model_len=128)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_p": 2.0}, "min_p"),
+    ({"n": 0}, "n"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"stop": [""]}, "stop"),
+    ({"bogus": 1}, "bogus"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+])
+def test_bad_sampling_params(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("prompt, field", [
+    ([], "prompt"),
+    ("", "prompt"),
+    ([1, 2, 10**6], "prompt: token id 1000000"),
+    ([1, -1], "prompt: token id -1"),
+    (list(range(3, 131)), "max_model_len"),
+    ([1.5, 2], "prompt"),
+    (None, "prompt"),
+])
+def test_bad_prompts_rejected_without_leaks(llm, prompt, field):
+    with pytest.raises(ValueError, match=field):
+        llm.generate([prompt] if prompt is not None else [None], SamplingParams(max_tokens=4))
+    assert_no_leaks(llm.engine)
+    assert not llm.engine.requests
+
+
+def test_bad_request_does_not_disturb_batch(llm):
+    engine = llm.engine
+    good = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = llm.generate([[5, 6, 7, 8]], good)[0].outputs[0].token_ids
+    engine.add_request("good", [5, 6, 7, 8], good)
+    engine.step()  # in flight
+    with pytest.raises(ValueError, match="prompt"):
+        engine.add_request("bad", [10**7], good)
+    with pytest.raises(ValueError, match="request_id"):
+        engine.add_request("good", [1, 2], good)
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final = out
+    assert final.request_id == "good" and final.outputs[0].token_ids == expected
+    assert_no_leaks(engine)
+
+
+def test_abort_mid_generation_frees_blocks(llm):
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    for i in range(4):
+        engine.add_request(f"a{i}", list(range(3, 40 + i)), params)
+    engine.add_request("n", list(range(3, 20)), params.model_copy(update={"n": 3}))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats()["kv_blocks_free"] < engine.stats()["kv_blocks_total"]
+    out = engine.abort("a1")
+    assert out.outputs[0].finish_reason == "abort"
+    assert engine.abort("missing") is None
+    engine.abort("n")
+    engine.step()
+    engine.abort("a0")  # waiting or running, it does not matter
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"block_size": 12}, "block_size"),
+    ({"max_num_seqs": 0}, "max_num_seqs"),
+    ({"attention_backend": "flash"}, "attention_backend"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"device": "tpu"}, "device"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+    ({"num_kv_blocks": -3}, "num_kv_blocks"),
+    ({"max_model_len": 10**6}, "max_model_len"),
+    ({"not_a_flag": True}, "not_a_flag"),
+])
+def test_bad_engine_arguments(make_checkpoint, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LLM(make_checkpoint("llama")[0], **kwargs)
+
+
+def test_bad_checkpoints(tmp_path, make_checkpoint):
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(str(tmp_path))
+    # a checkpoint whose tensors do not fit its config
+    import shutil
+
+    src = make_checkpoint("llama")[0]
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="mlp.gate_proj.weight.*shape"):
+        LLM(str(bad))
