@@ -82,6 +82,7 @@ def test_llama_variants(make_checkpoint, variant):
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12)
+    assert_no_leaks(llm.engine)
 
 
 def test_sharded_checkpoint(make_checkpoint):
@@ -93,6 +94,7 @@ def test_sharded_checkpoint(make_checkpoint):
     prompt = random_prompts(hf.config.vocab_size)[2]
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     assert out[0].outputs[0].token_ids == hf_greedy(hf, prompt, 10)
+    assert_no_leaks(llm.engine)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
