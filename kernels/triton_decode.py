@@ -37,6 +37,7 @@ MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
 
 
+SHORT_CONTEXT = 1024  # below: never split (the merge and a second launch cost more)
 LONG_CONTEXT = 2048
 
 
@@ -46,8 +47,10 @@ def split_kv_worthwhile(num_seqs: int, num_kv_heads: int, num_sms: int, max_seq_
 
     Measured on an H200 (132 SMs; 32 q / 8 kv heads, d=128, bf16; docs/perf.md): at
     batch 64 (3.9 programs per SM) two splits reach 88% / 96% of copy bandwidth at 4k /
-    32k context against 76% / 80% unsplit, but lose at 512 (50% against 54%).
+    32k context against 76% / 80% unsplit; at 512 context splitting lost at every batch.
     """
+    if max_seq_len < SHORT_CONTEXT:
+        return False
     programs = num_seqs * num_kv_heads
     return programs < 2 * num_sms or (programs < 4 * num_sms and max_seq_len >= LONG_CONTEXT)
 

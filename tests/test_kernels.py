@@ -217,7 +217,8 @@ def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_split_heuristic() -> None:
-    assert tdec.split_kv_worthwhile(1, 8, 132, 512)
+    assert tdec.split_kv_worthwhile(1, 8, 132, 4096)
+    assert not tdec.split_kv_worthwhile(1, 8, 132, 512)  # short: the unified kernel wins
     assert tdec.split_kv_worthwhile(64, 8, 132, 4096)  # 3.9 programs per SM, long context
     assert not tdec.split_kv_worthwhile(64, 8, 132, 512)
     assert not tdec.split_kv_worthwhile(128, 8, 132, 32768)
@@ -346,13 +347,13 @@ def test_split_kv_small_tiles() -> None:
 def test_paged_attention_routes_long_decode_to_split_kv(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    b = make_batch([1], [600], num_heads=2, num_kv_heads=1, head_dim=16, block_size=32,
+    b = make_batch([1], [1100], num_heads=2, num_kv_heads=1, head_dim=16, block_size=32,
                    dtype=torch.float32, seed=8)
     seen = []
     launch = tattn.launch_split_kv
     monkeypatch.setattr(tattn, "launch_split_kv", lambda *a: seen.append(a[-1]) or launch(*a))
     out = kernels.triton_paged_attention(*b.args(), out=b.poisoned_out(), max_query_len=1)
-    assert seen == [2]  # 600 // MIN_TOKENS_PER_SPLIT
+    assert seen == [4]  # 1100 // MIN_TOKENS_PER_SPLIT
     assert_matches(out, b)
 
 
