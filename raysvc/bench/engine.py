@@ -48,14 +48,14 @@ def make_workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int
     return Workload(prompts, outs)
 
 
-def random_checkpoint(path: str, seed: int) -> None:
-    """A random Llama of the built-in model's size class, with room for 512 + 256 tokens."""
+def random_checkpoint(path: str, seed: int, max_len: int = 1024) -> None:
+    """A random Llama of the built-in model's size class (6 layers, hidden 256)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=6,
                          num_attention_heads=8, num_key_value_heads=4, vocab_size=4096,
-                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
+                         max_position_embeddings=max_len, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # wider logits: greedy choices not decided by rounding noise
         model.lm_head.weight.mul_(8.0)

@@ -1,14 +1,26 @@
-"""The paged KV pool's bookkeeping: which block belongs to whom, and how many share it.
+"""The paged KV pool's bookkeeping: who holds which block, and which blocks hold a prefix.
 
-Blocks are reference-counted so that samples of one request share their prompt's
-blocks; a shared block is copied before it is written (copy-on-write). The free list is
-a deque: allocation and release are O(1) per block.
+Blocks are reference-counted: samples of one request share their prompt's blocks (a
+shared, partly filled block is copied before it is written), and with prefix caching
+requests share every full block whose hash chain matches.
+
+Free blocks sit in one queue ordered for eviction (an OrderedDict: O(1) take from the
+front, O(1) removal of a cache hit from anywhere):
+
+    front: blocks holding nothing reusable   ...   cached blocks, least recently used first
+
+A freed block that holds a full, hashed prefix goes to the back and stays findable by its
+hash until the pool needs it; eviction is lazy (a block loses its hash only when taken
+for new data). Every store and eviction of a hash is recorded as a KV event, so a
+router can mirror exactly which prefixes this engine holds.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
+from raysvc.block_hash import BlockHash, hash_blocks
 from raysvc.engine.sequence import Sequence
 
 
@@ -16,16 +28,105 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass(slots=True)
+class KVEvent:
+    kind: str  # "stored" | "removed"
+    block_hashes: list[BlockHash]
+
+
+@dataclass(slots=True)
+class KVEventBatch:
+    """What one engine step changed in the prefix cache, in order."""
+
+    step: int
+    events: list[KVEvent] = field(default_factory=list)
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.block_hash: list[BlockHash | None] = [None] * num_blocks
+        self.cached: dict[BlockHash, int] = {}  # hash -> the block holding that prefix
+        self.events: list[KVEvent] = []
+        self.num_cached_free = 0  # free blocks that still hold a cached prefix
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        return len(self.free_queue)
+
+    # -- prefix cache ------------------------------------------------------------------
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """The longest run of the sequence's leading full blocks already in the pool.
+
+        Never the whole sequence: the last token is always computed, its logits are needed.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hashes = self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
+        hits = []
+        for h in hashes:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def attach_cached(self, seq: Sequence, blocks: list[int]) -> None:
+        """Give a fresh sequence the cached blocks of its prefix (shared, read-only)."""
+        assert not seq.block_table
+        for block in blocks:
+            if self.ref_counts[block] == 0:
+                del self.free_queue[block]
+                self.num_cached_free -= 1
+            self.ref_counts[block] += 1
+        seq.block_table = list(blocks)
+        seq.num_cached_blocks = len(blocks)
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks that became full and computed this step under their hashes."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        if seq.num_cached_blocks >= num_full:
+            return
+        hashes = self._block_hashes(seq, num_full)
+        stored = []
+        for i in range(seq.num_cached_blocks, num_full):
+            block, h = seq.block_table[i], hashes[i]
+            if self.block_hash[block] is None and h not in self.cached:
+                self.block_hash[block] = h
+                self.cached[h] = block
+                stored.append(h)
+        seq.num_cached_blocks = num_full
+        if stored:
+            self._record("stored", stored)
+
+    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[BlockHash]:
+        """The sequence's chained block hashes, extended incrementally as it grows."""
+        have = len(seq.block_hashes)
+        if have < num_blocks:
+            seq.block_hashes += hash_blocks(
+                seq.token_ids[: num_blocks * self.block_size], self.block_size,
+                seq.request.params.cache_salt, seq.block_hashes[-1] if have else None, have,
+            )
+        return seq.block_hashes[:num_blocks]
+
+    def _record(self, kind: str, hashes: list[BlockHash]) -> None:
+        if self.events and self.events[-1].kind == kind:
+            self.events[-1].block_hashes += hashes
+        else:
+            self.events.append(KVEvent(kind, hashes))
+
+    def drain_events(self) -> list[KVEvent]:
+        events, self.events = self.events, []
+        return events
+
+    # -- allocation --------------------------------------------------------------------
 
     def _needs_copy(self, seq: Sequence) -> bool:
         """Is the block the next token goes into shared with another sequence?"""
@@ -36,8 +137,15 @@ class BlockManager:
         total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
         return max(total - len(seq.block_table), 0) + self._needs_copy(seq)
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_new_tokens) <= len(self.free_blocks)
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> bool:
+        """Room for `num_new_tokens` after attaching `cached` (hits that sit in the free
+        queue leave it, so they count against the free blocks too)."""
+        if not cached:
+            return self.blocks_needed(seq, num_new_tokens) <= len(self.free_queue)
+        n = len(cached) * self.block_size + num_new_tokens
+        needed = cdiv(seq.num_computed_tokens + n, self.block_size) - len(cached)
+        revived = sum(1 for b in cached if self.ref_counts[b] == 0)
+        return needed + revived <= len(self.free_queue)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
         """Give `seq` room for `num_new_tokens` more tokens.
@@ -60,17 +168,27 @@ class BlockManager:
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         child.block_table = list(parent.block_table)
+        child.num_cached_blocks = parent.num_cached_blocks
+        child.block_hashes = list(parent.block_hashes)
         for block in child.block_table:
             self.ref_counts[block] += 1
 
     def free(self, seq: Sequence) -> None:
-        # Tail first: the end of a sequence is the part least likely to be shared later.
+        # Tail first: a request's tail is the part least likely to be shared, so it
+        # sits nearest the front of the eviction order.
         for block in reversed(seq.block_table):
             self._release(block)
         seq.block_table = []
+        seq.num_cached_blocks = 0
 
     def _take(self) -> int:
-        block = self.free_blocks.popleft()
+        block, _ = self.free_queue.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None:  # evict: the pool needs the block for new data
+            self.block_hash[block] = None
+            del self.cached[h]
+            self.num_cached_free -= 1
+            self._record("removed", [h])
         self.ref_counts[block] = 1
         return block
 
@@ -78,4 +196,8 @@ class BlockManager:
         self.ref_counts[block] -= 1
         assert self.ref_counts[block] >= 0, f"block {block} released twice"
         if self.ref_counts[block] == 0:
-            self.free_blocks.append(block)
+            self.free_queue[block] = None
+            if self.block_hash[block] is None:
+                self.free_queue.move_to_end(block, last=False)  # nothing to keep: reuse first
+            else:
+                self.num_cached_free += 1

@@ -21,6 +21,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     attention_backend: str = "auto"  # auto | triton | torch
+    enable_prefix_caching: bool = True
     seed: int = 0
 
     @classmethod

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from raysvc.engine.block_manager import BlockManager
+from raysvc.engine.block_manager import BlockManager, KVEventBatch
 from raysvc.engine.config import EngineConfig
 from raysvc.engine.detokenizer import detokenize_step, find_stop_string, visible_text
 from raysvc.engine.kv_cache import KVCache, plan_num_blocks
@@ -65,7 +66,8 @@ class LLMEngine:
         self.max_model_len = max_len
 
         kv_cache = KVCache(mc, num_blocks, config.block_size, self.dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.runner = ModelRunner(model, kv_cache, make_backend(config.attention_backend,
@@ -75,6 +77,8 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
         self.num_computed_tokens = 0
+        self.num_steps = 0
+        self._kv_event_subscribers: list[Callable[[KVEventBatch], None]] = []
 
     # -- requests --------------------------------------------------------------------
 
@@ -135,7 +139,29 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------------
 
+    def subscribe_kv_events(self, callback: Callable[[KVEventBatch], None]) -> None:
+        """Call `callback` after every step that stored or evicted prefix-cache blocks.
+
+        Replaying the batches in order (stored: add the hashes, removed: drop them)
+        reproduces exactly the set of block hashes this engine holds.
+        """
+        self._kv_event_subscribers.append(callback)
+
+    def cached_block_hashes(self) -> set[bytes]:
+        return set(self.block_manager.cached)
+
     def step(self) -> list[RequestOutput]:
+        try:
+            return self._step()
+        finally:
+            self.num_steps += 1
+            events = self.block_manager.drain_events()
+            if events:
+                batch = KVEventBatch(self.num_steps, events)
+                for callback in self._kv_event_subscribers:
+                    callback(batch)
+
+    def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
@@ -146,6 +172,7 @@ class LLMEngine:
         logits = self.runner.execute(batch, sample_rows)
         for item in batch.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
+            self.block_manager.cache_full_blocks(item.seq)
         self.num_computed_tokens += batch.num_tokens
 
         seqs, rows = [], []
@@ -233,6 +260,9 @@ class LLMEngine:
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_generated_tokens": self.num_generated_tokens,
             "num_computed_tokens": self.num_computed_tokens,
+            "prefix_cache_queries": self.scheduler.prefix_cache_queries,
+            "prefix_cache_hits": self.scheduler.prefix_cache_hits,
+            "kv_blocks_cached": bm.num_cached_free,
         }
 
 

@@ -31,6 +31,8 @@ class SamplingParams(BaseModel):
     include_stop_str_in_output: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     skip_special_tokens: bool = True
+    # Tenant isolation for the prefix cache: requests with different salts share no block.
+    cache_salt: str | None = None
 
     @field_validator("stop", mode="before")
     @classmethod

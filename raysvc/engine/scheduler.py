@@ -9,6 +9,9 @@ sequences (`max_num_seqs`). That one rule covers everything:
 - a decoding sequence is one token behind (its last sampled token), so it takes one;
 - a preempted sequence lost its KV and must recompute prompt + outputs, like a prompt.
 
+A new (or preempted) sequence first takes the longest prefix of full blocks already in
+the pool (prefix caching), so only the rest is computed.
+
 Running sequences are served first, oldest first. When the pool has no block left for
 one, the newest running sequence is preempted (its blocks freed, recomputed later)
 until the older one fits. Waiting sequences are admitted in FCFS order, only while
@@ -51,6 +54,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of those, tokens found
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -84,10 +89,17 @@ class Scheduler:
             seats = seq.request.params.n if seq.request.fork_pending else 1
             if len(self.running) + seats > self.max_num_seqs:
                 break
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, n):
+            cached = self.block_manager.find_cached_prefix(seq)
+            num_cached = len(cached) * self.block_manager.block_size
+            n = min(seq.num_tokens - num_cached, budget)
+            if not self.block_manager.can_allocate(seq, n, cached):
                 break
             self.waiting.popleft()
+            if self.block_manager.enable_prefix_caching:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += num_cached
+            self.block_manager.attach_cached(seq, cached)
+            seq.num_computed_tokens = num_cached
             out.block_copies += self.block_manager.allocate(seq, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -60,6 +60,8 @@ class Sequence:
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_computed_tokens = parent.num_computed_tokens if parent else 0
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained hashes of the full blocks, as known
+        self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
