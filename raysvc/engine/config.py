@@ -11,6 +11,9 @@ from raysvc.models.attention import BACKENDS
 class EngineConfig:
     model: str | None = None  # checkpoint directory; None = the built-in "tiny" model
     tokenizer: str | None = None  # defaults to the model directory
+    # No tokenizer in the engine: prompts are token ids, outputs carry no text (a Serve
+    # ingress tokenizes, detokenizes and applies stop strings itself).
+    skip_tokenizer_init: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     block_size: int = 16

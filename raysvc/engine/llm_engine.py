@@ -39,7 +39,8 @@ class LLMEngine:
         self.model_config = mc = ModelConfig.from_dir(model_path)
         self.device = resolve_device(config.device)
         self.dtype = parse_dtype(config.dtype, mc.dtype)
-        self.tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else model_path)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(
+            Path(config.tokenizer) if config.tokenizer else model_path)
         self.eos_token_ids = eos_token_ids(model_path, mc, self.tokenizer)
 
         max_len = config.max_model_len or mc.max_position_embeddings
