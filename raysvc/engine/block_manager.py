@@ -181,6 +181,12 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_blocks = 0
 
+    def truncate(self, seq: Sequence) -> None:
+        """Release the blocks past the sequence's computed tokens (rejected proposals)."""
+        keep = cdiv(seq.num_computed_tokens, self.block_size)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+
     def _take(self) -> int:
         block, _ = self.free_queue.popitem(last=False)
         h = self.block_hash[block]

@@ -25,6 +25,8 @@ class EngineConfig:
     max_model_len: int | None = None
     attention_backend: str = "auto"  # auto | triton | torch
     enable_prefix_caching: bool = True
+    # {"method": "draft_model" | "ngram", "model": PATH, "num_speculative_tokens": k, ...}
+    speculative_config: dict | None = None
     seed: int = 0
 
     @classmethod
@@ -60,6 +62,16 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        if self.speculative_config is not None:
+            from raysvc.engine.spec.config import SpeculativeConfig
+
+            if not isinstance(self.speculative_config, dict):
+                raise ValueError("speculative_config: expected a dict like "
+                                 '{"method": "ngram", "num_speculative_tokens": 4}')
+            try:
+                SpeculativeConfig.model_validate(self.speculative_config)
+            except ValueError as e:
+                raise ValueError(f"speculative_config: {e}") from e
         if self.attention_backend not in BACKENDS:
             raise ValueError(
                 f"attention_backend: {self.attention_backend!r} is not one of {', '.join(BACKENDS)}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,6 +75,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv_cache, make_backend(config.attention_backend,
                                                                 self.device))
         self.sampler = Sampler(mc.vocab_size, self.device, config.seed)
+        self.spec = build_speculative_decoder(config.speculative_config, self)
         self.requests: dict[str, Request] = {}
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
@@ -133,6 +135,9 @@ class LLMEngine:
         if request is None:
             return None
         self.scheduler.abort(request)
+        if self.spec is not None:
+            for seq in request.seqs:
+                self.spec.release(seq)
         return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -163,36 +168,65 @@ class LLMEngine:
                     callback(batch)
 
     def _step(self) -> list[RequestOutput]:
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running, self.max_model_len)
+        draft_done = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
-        sample_rows = [
-            i for i, s in enumerate(batch.scheduled)
-            if s.seq.num_computed_tokens + s.num_tokens == s.seq.num_tokens
-        ]
-        logits = self.runner.execute(batch, sample_rows)
+
+        # Which positions need logits: the last token of a sequence that caught up (it
+        # samples), or the last k + 1 of one that speculates (they are verified).
+        logits_indices: list[int] = []
+        sampling: list[tuple[Sequence, int]] = []  # (sequence, its logits row)
+        speculating: list[tuple[Sequence, int]] = []  # (sequence, its first logits row)
+        end = 0
         for item in batch.scheduled:
-            item.seq.num_computed_tokens += item.num_tokens
-            self.block_manager.cache_full_blocks(item.seq)
+            seq = item.seq
+            end += item.num_tokens
+            if seq.spec_token_ids:
+                speculating.append((seq, len(logits_indices)))
+                logits_indices += range(end - len(seq.spec_token_ids) - 1, end)
+            elif seq.num_computed_tokens + item.num_tokens == seq.num_tokens:
+                sampling.append((seq, len(logits_indices)))
+                logits_indices.append(end - 1)
+        logits = self.runner.execute(batch, logits_indices)
+        for item in batch.scheduled:
+            if not item.seq.spec_token_ids:
+                item.seq.num_computed_tokens += item.num_tokens
+                self.block_manager.cache_full_blocks(item.seq)
         self.num_computed_tokens += batch.num_tokens
 
         seqs, rows = [], []
-        for row, i in enumerate(sample_rows):
-            seq = batch.scheduled[i].seq
+        for seq, row in sampling:
             seqs.append(seq)
             rows.append(row)
             if seq.request.fork_pending:
                 for child in self._fork(seq):
                     seqs.append(child)
                     rows.append(row)
-        if not seqs:
-            return []
-        result = self.sampler(logits[rows], seqs)
-
         touched: dict[str, Request] = {}
-        for seq, token, logprobs in zip(seqs, result.token_ids, result.logprobs, strict=True):
-            self._append_token(seq, token, logprobs)
+        if seqs:
+            result = self.sampler(logits[rows], seqs)
+            for seq, token, lps in zip(seqs, result.token_ids, result.logprobs, strict=True):
+                self._append_token(seq, token, lps)
+                touched[seq.request.request_id] = seq.request
+        for seq, row in speculating:
+            k = len(seq.spec_token_ids)
+            tokens = self.spec.verify(seq, logits[row: row + k + 1], self.sampler)
+            # KV is valid for the last known token and the accepted proposals only
+            seq.num_computed_tokens += len(tokens)
+            self.block_manager.truncate(seq)
+            for token in tokens:
+                self._append_token(seq, token, None)
+                if seq.is_finished:
+                    break
+            else:
+                self.block_manager.cache_full_blocks(seq)
             touched[seq.request.request_id] = seq.request
+        if self.spec is not None:
+            self.spec.observe_step(batch.num_tokens, time.perf_counter() - draft_done)
+
         outputs = []
         for request in touched.values():
             outputs.append(self._output(request))
@@ -233,6 +267,8 @@ class LLMEngine:
             seq.finish("length")
         if seq.is_finished:
             self.scheduler.finish(seq)
+            if self.spec is not None:
+                self.spec.release(seq)
 
     def _output(self, request: Request) -> RequestOutput:
         outs = [
@@ -264,7 +300,32 @@ class LLMEngine:
             "prefix_cache_queries": self.scheduler.prefix_cache_queries,
             "prefix_cache_hits": self.scheduler.prefix_cache_hits,
             "kv_blocks_cached": bm.num_cached_free,
+            **(self.spec.stats() if self.spec is not None else {}),
         }
+
+
+def build_speculative_decoder(raw: dict | None, engine: LLMEngine):
+    if raw is None:
+        return None
+    from raysvc.engine.spec.config import SpeculativeConfig
+    from raysvc.engine.spec.decoder import SpeculativeDecoder
+
+    config = SpeculativeConfig.model_validate(raw)
+    if config.method == "ngram":
+        from raysvc.engine.spec.ngram import NgramProposer
+
+        proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        return SpeculativeDecoder(config, proposer, has_draft_cost=False)
+    from raysvc.engine.spec.draft_model import DraftModelProposer
+
+    ec = engine.config
+    proposer = DraftModelProposer(
+        resolve_model_path(config.model or "tiny-draft"), engine.dtype, engine.device,
+        engine.runner.backend, ec.block_size, engine.max_model_len,
+        capacity_tokens=min(ec.max_num_seqs, 64) * (engine.max_model_len + 16),
+        target_vocab=engine.model_config.vocab_size,
+    )
+    return SpeculativeDecoder(config, proposer, has_draft_cost=True)
 
 
 def resolve_model_path(model: str | None) -> Path:

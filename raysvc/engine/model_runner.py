@@ -7,8 +7,6 @@ sequence and in the paged pool.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from raysvc.engine.kv_cache import KVCache
@@ -25,19 +23,15 @@ class ModelRunner:
         self.device = model.device
         self.block_size = kv_cache.block_size
 
-    def execute(self, batch: SchedulerOutput, sample_rows: list[int]) -> torch.Tensor:
-        """Run one step; return logits [len(sample_rows), vocab] for the given sequences.
-
-        `sample_rows` indexes `batch.scheduled`: the sequences whose last new token is
-        the last known one, i.e. those that get a new token this step.
-        """
+    def execute(self, batch: SchedulerOutput, logits_indices: list[int]) -> torch.Tensor:
+        """Run one step; return logits [len(logits_indices), vocab] at the given positions
+        of the flat batch (a sampling sequence's last token; a speculating one's last
+        k + 1 tokens)."""
         if batch.block_copies:
             self.kv_cache.copy_blocks(batch.block_copies)
         input_ids, positions, meta = self.prepare_inputs(batch)
         hidden = self.model.forward(input_ids, positions, self.kv_cache.layers, meta, self.backend)
-        ends = list(itertools.accumulate(s.num_tokens for s in batch.scheduled))
-        last_token = [ends[r] - 1 for r in sample_rows]
-        return self.model.compute_logits(hidden[last_token])
+        return self.model.compute_logits(hidden[logits_indices])
 
     def prepare_inputs(
         self, batch: SchedulerOutput
@@ -53,6 +47,8 @@ class ModelRunner:
             start = seq.num_computed_tokens
             end = start + item.num_tokens
             input_ids += seq.token_ids[start:end]
+            if end > seq.num_tokens:  # speculative proposals ride after the known tokens
+                input_ids += seq.spec_token_ids[: end - seq.num_tokens]
             positions += range(start, end)
             query_start.append(query_start[-1] + item.num_tokens)
             seq_lens.append(end)

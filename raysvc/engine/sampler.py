@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from raysvc.engine.outputs import Logprob
+from raysvc.engine.sampling_params import SamplingParams
 from raysvc.engine.sequence import Sequence
 
 
@@ -62,11 +63,14 @@ class Sampler:
                     logprobs[row] = _top_logprobs(raw_logprobs[row], token_list[row], p.logprobs)
         return SampleResult(token_list, logprobs)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        params = [s.request.params for s in seqs]
+    def probabilities(
+        self, logits: torch.Tensor, params: list[SamplingParams]  # logits: [rows, vocab]
+    ) -> torch.Tensor:  # [rows, vocab], each row sums to 1
+        """The distribution a non-greedy request samples from: temperature, top-k, top-p,
+        min-p. Speculative decoding verifies against exactly this distribution."""
         dev = logits.device
         temps = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
-        logits = logits / temps
+        logits = logits[:, : self.vocab_size].float() / temps
         top_ks = [p.top_k if p.top_k > 0 else self.vocab_size for p in params]
         top_ps = [p.top_p for p in params]
         if min(top_ks) < self.vocab_size or min(top_ps) < 1.0:
@@ -76,6 +80,12 @@ class Sampler:
         min_ps = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
         if bool((min_ps > 0).any()):
             probs = probs.masked_fill(probs < min_ps * probs.max(dim=-1, keepdim=True).values, 0)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs
+
+    def draw(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One token per row from `probs` [rows, vocab]: the exponential race, with each
+        seeded sequence's own generator."""
         noise = torch.empty_like(probs)
         unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
         if unseeded:
@@ -84,6 +94,9 @@ class Sampler:
             if s.generator is not None:
                 noise[i] = torch.empty(probs.shape[1]).exponential_(generator=s.generator)
         return (probs / noise).argmax(dim=-1)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        return self.draw(self.probabilities(logits, [s.request.params for s in seqs]), seqs)
 
 
 def _apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:  # logits: [vocab], in place

@@ -7,7 +7,10 @@ sequences (`max_num_seqs`). That one rule covers everything:
 - a new prompt is computed in chunks of at most the remaining budget (chunked prefill),
   and its chunks share a step with other sequences' decodes;
 - a decoding sequence is one token behind (its last sampled token), so it takes one;
-- a preempted sequence lost its KV and must recompute prompt + outputs, like a prompt.
+- a preempted sequence lost its KV and must recompute prompt + outputs, like a prompt;
+- a speculating sequence also computes its k proposals (the budget counts them); when
+  the pool or the budget cannot take them, the proposals are dropped, never another
+  sequence preempted for them.
 
 A new (or preempted) sequence first takes the longest prefix of full blocks already in
 the pool (prefix caching), so only the rest is computed.
@@ -72,6 +75,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.spec_token_ids:
+                spec = seq.spec_token_ids[: budget - n]
+                if spec and self.block_manager.can_allocate(seq, n + len(spec)):
+                    n += len(spec)
+                seq.spec_token_ids = spec if n > seq.num_tokens - seq.num_computed_tokens else []
+                if seq.spec_probs is not None and seq.spec_token_ids:
+                    seq.spec_probs = seq.spec_probs[: len(seq.spec_token_ids)]
             while not self.block_manager.can_allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -111,6 +121,8 @@ class Scheduler:
         """Drop the sequence's KV; it recomputes prompt + outputs when readmitted."""
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
+        seq.spec_probs = None
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -62,6 +62,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks, as known
         self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
+        # speculative decoding: this step's proposals, verified after the forward pass
+        self.spec_token_ids: list[int] = []
+        self.spec_probs: torch.Tensor | None = None  # [k, vocab]; None = one-hot proposals
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

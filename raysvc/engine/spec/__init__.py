@@ -1,0 +1,1 @@
+"""Speculative decoding: proposers, lossless verification, and when to speculate at all."""

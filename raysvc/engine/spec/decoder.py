@@ -1,0 +1,109 @@
+"""Speculative decoding inside the engine step: propose before scheduling, verify after.
+
+Only sequences in plain decode (one token behind) and whose sampling needs nothing
+position-dependent (no penalties, logprobs or min_tokens) speculate; the rest of the batch
+decodes normally in the same step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from raysvc.engine.sampler import Sampler
+from raysvc.engine.sequence import Sequence, SequenceStatus
+from raysvc.engine.spec.config import SpeculativeConfig
+from raysvc.engine.spec.controller import SpecController
+from raysvc.engine.spec.rejection import verify_greedy, verify_sampled
+
+
+def eligible(seq: Sequence) -> bool:
+    p = seq.request.params
+    return (seq.status is SequenceStatus.RUNNING and not seq.request.fork_pending
+            and seq.num_computed_tokens == seq.num_tokens - 1
+            and not p.needs_penalties and p.logprobs is None and p.min_tokens == 0)
+
+
+class SpeculativeDecoder:
+    def __init__(self, config: SpeculativeConfig, proposer, has_draft_cost: bool) -> None:
+        self.config = config
+        self.proposer = proposer
+        self.controller = SpecController(config.num_speculative_tokens, config.adaptive,
+                                         config.disable_by_batch_size)
+        self.has_draft_cost = has_draft_cost
+        if not has_draft_cost:  # n-gram lookup costs next to nothing next to a forward pass
+            for _ in range(3):
+                self.controller.draft.observe(1, 0.0)
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
+        self.verifications = 0
+        self.accepted_per_position = [0] * config.num_speculative_tokens
+        self.drafted_per_position = [0] * config.num_speculative_tokens
+
+    def propose(self, running: list[Sequence], max_model_len: int) -> None:
+        """Attach proposals (seq.spec_token_ids / seq.spec_probs) to eligible sequences."""
+        seqs = [s for s in running if eligible(s)]
+        other = len(running) - len(seqs)
+        k = self.controller.choose_k(len(seqs), other)
+        if k == 0:
+            return
+        ks = []
+        for s in seqs:
+            room = min(max_model_len - s.num_tokens,
+                       s.request.params.max_tokens - s.num_output_tokens - 1)
+            ks.append(max(min(k, room), 0))
+        seqs = [s for s, n in zip(seqs, ks, strict=True) if n > 0]
+        ks = [n for n in ks if n > 0]
+        if not seqs:
+            return
+        start = time.perf_counter()
+        proposals = self.proposer.propose(seqs, ks)
+        if self.has_draft_cost:
+            self.controller.draft.observe(len(seqs), (time.perf_counter() - start) / max(ks))
+        for seq, proposal in zip(seqs, proposals, strict=True):
+            if proposal is not None and proposal.tokens:
+                seq.spec_token_ids = proposal.tokens
+                seq.spec_probs = proposal.probs
+
+    def verify(self, seq: Sequence, logits: torch.Tensor, sampler: Sampler) -> list[int]:
+        """logits: [k + 1, vocab] at the positions of the last token and the k proposals.
+        Returns the accepted proposals plus one recovered or bonus token."""
+        draft = seq.spec_token_ids
+        params = seq.request.params
+        if params.greedy:
+            tokens = verify_greedy(logits, draft)
+        else:
+            p = sampler.probabilities(logits, [params] * logits.shape[0])
+            tokens = verify_sampled(p, draft, seq.spec_probs, seq.generator)
+        accepted = len(tokens) - 1
+        self.draft_tokens += len(draft)
+        self.accepted_tokens += accepted
+        self.verifications += 1
+        for i in range(len(draft)):
+            self.drafted_per_position[i] += 1
+            self.accepted_per_position[i] += i < accepted
+        self.controller.observe_verification(len(draft), accepted)
+        seq.spec_token_ids = []
+        seq.spec_probs = None
+        return tokens
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self.controller.target.observe(num_tokens, seconds)
+
+    def release(self, seq: Sequence) -> None:
+        self.proposer.release(seq)
+
+    def stats(self) -> dict:
+        return {
+            "spec_draft_tokens": self.draft_tokens,
+            "spec_accepted_tokens": self.accepted_tokens,
+            "spec_acceptance_rate": self.accepted_tokens / max(self.draft_tokens, 1),
+            # tokens emitted per verification: accepted proposals + the recovered/bonus one
+            "spec_mean_accepted_length": 1 + self.accepted_tokens / max(self.verifications, 1),
+            "spec_acceptance_per_position": [
+                a / d if d else None
+                for a, d in zip(self.accepted_per_position, self.drafted_per_position,
+                                strict=True)],
+            "spec_num_speculative_tokens": self.controller.k,
+        }
