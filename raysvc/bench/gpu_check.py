@@ -77,6 +77,24 @@ def check_correctness(path: str) -> None:
             except Exception as e:
                 row("greedy vs HF (fp32)", backend, mode, "ERROR", f"{type(e).__name__}: {e}"[:200])
                 traceback.print_exc()
+    try:  # prefix caching: Triton attention reading shared, cached blocks
+        shared = prompts[9][:600]
+        group = [shared + p[:20] for p in prompts[:6]] * 2
+        runs = {}
+        for caching in (False, True):
+            llm = LLM(path, device="cuda", num_kv_blocks=4096, enable_prefix_caching=caching)
+            runs[caching] = [o.outputs[0].token_ids for o in llm.generate(
+                group, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))]
+            runs[caching] += [o.outputs[0].token_ids for o in llm.generate(
+                group, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))]
+            stats = llm.stats()
+        row("prefix cache on vs off (fp32)", "triton", "600-token shared prefix",
+            f"{sum(a == b for a, b in zip(runs[False], runs[True], strict=True))}/"
+            f"{len(runs[True])} identical",
+            f"hits {stats['prefix_cache_hits']} / {stats['prefix_cache_queries']} tokens")
+    except Exception as e:
+        row("prefix cache on vs off", "triton", "", "ERROR", f"{type(e).__name__}: {e}"[:200])
+        traceback.print_exc()
     for dtype in ("bfloat16", "float16"):
         try:
             llm = LLM(path, device="cuda", dtype=dtype, attention_backend="triton",
