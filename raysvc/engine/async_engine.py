@@ -25,8 +25,8 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, model: str | None = None, **kwargs) -> None:
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
+    def __init__(self, model: str | None = None, proposer=None, **kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs), proposer)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="raysvc-engine")
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._has_work: asyncio.Event | None = None

@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, proposer=None) -> None:
+        """`proposer`: a speculative proposer built outside the engine (the draft-model
+        actor pool of raysvc.cluster); otherwise `speculative_config` builds one here."""
         self.config = config
         model_path = resolve_model_path(config.model)
         self.model_path = model_path
@@ -75,7 +77,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv_cache, make_backend(config.attention_backend,
                                                                 self.device))
         self.sampler = Sampler(mc.vocab_size, self.device, config.seed)
-        self.spec = build_speculative_decoder(config.speculative_config, self)
+        self.spec = build_speculative_decoder(config.speculative_config, self, proposer)
         self.requests: dict[str, Request] = {}
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
@@ -304,13 +306,17 @@ class LLMEngine:
         }
 
 
-def build_speculative_decoder(raw: dict | None, engine: LLMEngine):
+def build_speculative_decoder(raw: dict | None, engine: LLMEngine, proposer=None):
     if raw is None:
+        if proposer is not None:
+            raise ValueError("proposer: given without a speculative_config")
         return None
     from raysvc.engine.spec.config import SpeculativeConfig
     from raysvc.engine.spec.decoder import SpeculativeDecoder
 
     config = SpeculativeConfig.model_validate(raw)
+    if proposer is not None:
+        return SpeculativeDecoder(config, proposer, has_draft_cost=True)
     if config.method == "ngram":
         from raysvc.engine.spec.ngram import NgramProposer
 
