@@ -1,4 +1,4 @@
-"""The `raysvc` command line: generate text, run benchmarks."""
+"""The `raysvc` command line: generate text, serve the OpenAI API, run benchmarks."""
 
 from __future__ import annotations
 
@@ -37,10 +37,81 @@ def _generate(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.what == "engine":
         from raysvc.bench.engine import main as bench_main
+    elif args.what == "serve":
+        from raysvc.bench.serve import main as bench_main
     else:
         from raysvc.bench.kernels import main as bench_main
-    bench_main(rest)
-    return 0
+    return bench_main(rest) or 0
+
+
+def serve_args_from_cli(args: argparse.Namespace):
+    """ServeArgs from `raysvc serve` flags (shared with `raysvc bench serve`)."""
+    from raysvc.serve.app import ServeArgs
+
+    engine = {name: getattr(args, name) for name in ENGINE_FLAGS
+              if getattr(args, name, None) is not None}
+    if args.no_prefix_caching:
+        engine["enable_prefix_caching"] = False
+    return ServeArgs(model=args.model, served_model_name=args.served_model_name,
+                     num_workers=args.num_workers, engine=engine,
+                     worker_num_cpus=args.worker_cpus, worker_torch_threads=args.worker_threads,
+                     stream_interval_s=args.stream_interval, max_queue_len=args.max_queue_len,
+                     api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
+                     ingress_replicas=args.ingress_replicas)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from raysvc.serve.server import serve_forever
+
+    try:
+        serve_args = serve_args_from_cli(args)
+        from raysvc.engine.config import EngineConfig
+
+        EngineConfig.from_kwargs(**{**serve_args.engine, "model": serve_args.model})
+    except (ValueError, ValidationError) as e:
+        print(f"raysvc serve: error: {e}", file=sys.stderr)
+        return 2
+    return serve_forever(serve_args, args.host, args.port, args.address, args.num_cpus)
+
+
+# EngineConfig fields settable from the command line (name, type, help)
+ENGINE_FLAGS = {
+    "dtype": (str, "auto | float32 | bfloat16 | float16"),
+    "device": (str, "auto | cpu | cuda | cuda:N"),
+    "block_size": (int, "tokens per KV block"),
+    "num_kv_blocks": (int, "KV blocks per worker (default: from the memory budget)"),
+    "kv_cache_memory_bytes": (int, "KV byte budget per worker"),
+    "gpu_memory_utilization": (float, "fraction of GPU memory a worker may use"),
+    "max_num_seqs": (int, "running sequences per worker"),
+    "max_num_batched_tokens": (int, "tokens per engine step"),
+    "max_model_len": (int, "context length (default: the model's)"),
+    "attention_backend": (str, "auto | triton | torch"),
+    "seed": (int, "engine sampler seed"),
+}
+
+
+def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (default: built-in tiny)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--api-key", default=None,
+                   help="require Authorization: Bearer KEY (default: $RAYSVC_API_KEY)")
+    for name, (kind, text) in ENGINE_FLAGS.items():
+        if name in skip:
+            continue
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs a CPU worker reserves")
+    p.add_argument("--worker-threads", type=int, default=None, help="torch threads per worker")
+    p.add_argument("--stream-interval", type=float, default=0.0,
+                   help="seconds a worker waits between stream chunks of one request")
+    p.add_argument("--max-queue-len", type=int, default=1024,
+                   help="router queue bound; beyond it requests get 429")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    p.add_argument("--max-n", type=int, default=16)
+    p.add_argument("--ingress-replicas", type=int, default=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
 
+    srv = sub.add_parser("serve", help="serve the OpenAI API over HTTP (Ray Serve)")
+    add_serve_flags(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--address", default=None,
+                     help="Ray cluster to deploy on (default: start a local Ray)")
+    srv.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
+
     bench = sub.add_parser("bench", help="benchmarks (the rest of the arguments go to them)")
-    bench.add_argument("what", choices=["engine", "kernels"])
+    bench.add_argument("what", choices=["engine", "kernels", "serve"])
     return parser
 
 
@@ -72,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.command == "generate":
         return _generate(args)
+    if args.command == "serve":
+        return _serve(args)
     return _bench(args, rest)
 
 

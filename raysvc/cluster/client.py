@@ -1,0 +1,110 @@
+"""`ClusterClient`: one request's trip through the cluster, as the ingress makes it.
+
+ticket from the router -> submit to the named worker -> read the request's chunks off this
+process's channel to that worker -> release the ticket. The client always releases
+(finished, aborted, failed or cancelled) and aborts the request on its worker if it
+leaves early, so neither the router's ledger nor the worker's KV blocks leak when an
+HTTP client disconnects. Cleanup calls are fire-and-forget submissions (`.remote()` is
+synchronous), so they run even from a cancelled task.
+
+A worker that dies before the request produced any output is reported to the router and
+the request is placed again (nothing was lost); after output it fails with `WorkerDied`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from raysvc.cluster.protocol import StreamChunk, Ticket, WorkerDied
+
+logger = logging.getLogger(__name__)
+
+
+class _Channel:
+    """This process's end of one worker's output channel: chunks fan out to request queues."""
+
+    def __init__(self, worker: Any) -> None:
+        self.id = f"ch-{uuid.uuid4().hex[:12]}"
+        self.worker = worker
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.error: BaseException | None = None
+        self.task = asyncio.create_task(self._pump())
+
+    @property
+    def open(self) -> bool:
+        return self.error is None and not self.task.done()
+
+    async def _pump(self) -> None:
+        try:
+            async for ref in self.worker.open_channel.remote(self.id):
+                for request_id, chunk in await ref:
+                    queue = self.queues.get(request_id)
+                    if queue is not None:
+                        queue.put_nowait(chunk)
+            raise RuntimeError("worker closed the channel")
+        except BaseException as e:  # the worker died (RayActorError) or we are shutting down
+            self.error = e
+            for queue in self.queues.values():
+                queue.put_nowait(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+
+
+class ClusterClient:
+    def __init__(self, router: Any, max_attempts: int = 3) -> None:
+        self.router = router  # ray ActorHandle of a Router
+        self.max_attempts = max_attempts
+        self._channels: dict[str, _Channel] = {}  # worker id -> channel
+
+    def _channel(self, ticket: Ticket) -> _Channel:
+        channel = self._channels.get(ticket.worker_id)
+        if channel is None or not channel.open:
+            channel = self._channels[ticket.worker_id] = _Channel(ticket.worker)
+        return channel
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: dict[str, Any], n: int = 1) -> AsyncIterator[StreamChunk]:
+        """Stream one request's chunks; raises Overloaded / NoWorkers / WorkerDied / ValueError."""
+        from ray.exceptions import RayActorError
+
+        for attempt in range(self.max_attempts):
+            ticket_id = f"{request_id}/{attempt}"
+            ticket: Ticket | None = None
+            channel: _Channel | None = None
+            produced = finished = False
+            try:
+                ticket = await self.router.acquire.remote(ticket_id, len(prompt_token_ids), n)
+                if ticket is None:
+                    return
+                channel = self._channel(ticket)
+                queue = channel.queues[ticket_id] = asyncio.Queue()
+                await ticket.worker.submit.remote(channel.id, ticket_id, prompt_token_ids, params)
+                while not finished:
+                    item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.error:
+                        raise WorkerDied(f"worker {ticket.worker_id} failed: {item.error}")
+                    produced, finished = True, item.finished
+                    yield item
+                return
+            except RayActorError as e:
+                if ticket is None:
+                    raise
+                logger.warning("worker %s failed during %s: %r", ticket.worker_id, ticket_id, e)
+                self.router.worker_failed.remote(ticket.worker_id)
+                if produced:
+                    raise WorkerDied(f"worker {ticket.worker_id} died while serving the request "
+                                     f"({type(e).__name__}); retry it") from e
+            finally:
+                if channel is not None:
+                    channel.queues.pop(ticket_id, None)
+                if ticket is not None and not finished:
+                    ticket.worker.abort.remote(ticket_id)
+                self.router.release.remote(ticket_id)
+        raise WorkerDied(f"request {request_id}: {self.max_attempts} workers died before it "
+                         f"started; giving up")

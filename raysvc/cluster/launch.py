@@ -1,0 +1,86 @@
+"""Start a router and its workers on the Ray cluster this process is connected to.
+
+Resources say where a worker may run: `num_gpus=1` when the worker's engine uses a GPU,
+otherwise `num_cpus` (and any custom resources, e.g. {"raysvc_worker": 1} to pin workers
+to the nodes that advertise it). The caller owns the actors: they die with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from raysvc.cluster.router import Router
+from raysvc.cluster.worker import LLMWorker
+
+# One worker serves up to max_num_seqs requests at once, each a concurrent actor call.
+_WORKER_CONCURRENCY_SLACK = 64
+
+
+@dataclass(slots=True)
+class WorkerSpec:
+    """How to start each worker actor."""
+
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_cpus: float = 1.0
+    num_gpus: float | None = None  # None: 1 if the engine will use a GPU, else 0
+    resources: dict[str, float] = field(default_factory=dict)
+    torch_threads: int | None = None  # None: int(num_cpus) on CPU (>= 1)
+    stream_interval_s: float = 0.0
+
+    def actor_options(self) -> dict[str, Any]:
+        device = str(self.engine_kwargs.get("device", "auto"))
+        num_gpus = self.num_gpus
+        if num_gpus is None:
+            gpu = device.startswith("cuda") or (device == "auto" and _cluster_has_gpus())
+            num_gpus = 1.0 if gpu else 0.0
+        max_seqs = int(self.engine_kwargs.get("max_num_seqs", 256))
+        return dict(num_cpus=0 if num_gpus else self.num_cpus, num_gpus=num_gpus,
+                    resources=dict(self.resources), max_concurrency=2 * max_seqs
+                    + _WORKER_CONCURRENCY_SLACK, max_restarts=0)
+
+    def threads(self) -> int | None:
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(int(self.num_cpus), 1)
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def start_router(max_queue_len: int = 1024, **kwargs: Any) -> Any:
+    import ray
+
+    return ray.remote(Router).options(
+        num_cpus=0, max_concurrency=max_queue_len + 1024, max_restarts=0,
+    ).remote(max_queue_len=max_queue_len, **kwargs)
+
+
+def start_worker(worker_id: str, spec: WorkerSpec) -> Any:
+    import ray
+
+    return ray.remote(LLMWorker).options(**spec.actor_options()).remote(
+        worker_id, spec.engine_kwargs, spec.threads(), spec.stream_interval_s)
+
+
+def add_workers(router: Any, spec: WorkerSpec, num_workers: int, prefix: str = "worker",
+                timeout_s: float = 600.0) -> dict[str, Any]:
+    """Start `num_workers` workers and register them with `router` once their models load.
+
+    Returns worker id -> actor handle. Raises (after killing what it started) if a worker
+    fails to start or does not register within `timeout_s`.
+    """
+    import ray
+
+    workers = {f"{prefix}-{i}": start_worker(f"{prefix}-{i}", spec) for i in range(num_workers)}
+    try:
+        ray.get([router.add_worker.remote(wid, h) for wid, h in workers.items()],
+                timeout=timeout_s)
+    except BaseException:
+        for handle in workers.values():
+            ray.kill(handle)
+        raise
+    return workers

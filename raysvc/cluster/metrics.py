@@ -1,0 +1,108 @@
+"""Prometheus metrics through `ray.util.metrics`, named after vLLM's (`vllm:x` -> `raysvc_x`).
+
+Ray's metrics agent on each node exports them (prefixed `ray_`) on its Prometheus port.
+The router records the cluster's gauges from the load reports it already polls; the
+ingress records per-request latencies and token counts, as its clients see them. Every
+call is tolerant: outside a Ray worker (unit tests) the metrics quietly do nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from raysvc.cluster.protocol import WorkerLoad
+
+logger = logging.getLogger(__name__)
+
+# Seconds; like vLLM's buckets, dense where interactive latencies live.
+LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
+
+
+def _make(kind: str, name: str, description: str, tag_keys: tuple[str, ...], **kw) -> Any:
+    try:
+        from ray.util import metrics
+
+        return getattr(metrics, kind)(name, description=description, tag_keys=tag_keys, **kw)
+    except Exception as e:  # no Ray, or a metrics backend that refuses: run without metrics
+        logger.debug("metric %s disabled: %r", name, e)
+        return None
+
+
+def _record(metric: Any, method: str, value: float, tags: dict[str, str]) -> None:
+    if metric is None:
+        return
+    try:
+        getattr(metric, method)(value, tags=tags)
+    except Exception as e:
+        logger.debug("metric record failed: %r", e)
+
+
+class ClusterMetrics:
+    """Gauges of the router's view: requests running / waiting and KV usage per worker."""
+
+    def __init__(self) -> None:
+        tags = ("worker_id",)
+        self.running = _make("Gauge", "raysvc_num_requests_running",
+                             "Requests in a worker's running batch.", tags)
+        self.waiting = _make("Gauge", "raysvc_num_requests_waiting",
+                             "Requests waiting: in the router's queue (worker_id=router) or "
+                             "in a worker's engine queue.", tags)
+        self.kv_usage = _make("Gauge", "raysvc_kv_cache_usage_perc",
+                              "Fraction of a worker's KV blocks in use (1 = full).", tags)
+        self.preemptions = _make("Gauge", "raysvc_num_preemptions",
+                                 "Preemptions so far on a worker.", tags)
+
+    def queue(self, length: int) -> None:
+        _record(self.waiting, "set", length, {"worker_id": "router"})
+
+    def worker(self, worker_id: str, load: WorkerLoad) -> None:
+        tags = {"worker_id": worker_id}
+        _record(self.running, "set", load.running, tags)
+        _record(self.waiting, "set", load.waiting, tags)
+        used = 1.0 - load.kv_blocks_free / load.kv_blocks_total if load.kv_blocks_total else 0.0
+        _record(self.kv_usage, "set", used, tags)
+        _record(self.preemptions, "set", load.num_preemptions, tags)
+
+    def forget_worker(self, worker_id: str) -> None:
+        self.worker(worker_id, WorkerLoad())
+
+
+class RequestMetrics:
+    """Per-request figures, recorded by the ingress as its clients experience them."""
+
+    def __init__(self, model_name: str) -> None:
+        tags = ("model_name",)
+        self.tags = {"model_name": model_name}
+        hist = dict(boundaries=LATENCY_BUCKETS)
+        self.ttft = _make("Histogram", "raysvc_time_to_first_token_seconds",
+                          "Time to first token.", tags, **hist)
+        self.itl = _make("Histogram", "raysvc_inter_token_latency_seconds",
+                         "Time between output chunks, per token.", tags, **hist)
+        self.e2e = _make("Histogram", "raysvc_e2e_request_latency_seconds",
+                         "End-to-end request latency.", tags, **hist)
+        self.prompt_tokens = _make("Counter", "raysvc_prompt_tokens",
+                                   "Prompt tokens processed.", tags)
+        self.generation_tokens = _make("Counter", "raysvc_generation_tokens",
+                                       "Generated tokens.", tags)
+        self.finished = _make("Counter", "raysvc_request_success",
+                              "Finished requests by finish reason.", ("model_name",
+                                                                       "finished_reason"))
+
+    def first_token(self, seconds: float) -> None:
+        _record(self.ttft, "observe", seconds, self.tags)
+
+    def inter_token(self, seconds: float, num_tokens: int) -> None:
+        for _ in range(max(num_tokens, 1)):
+            _record(self.itl, "observe", seconds / max(num_tokens, 1), self.tags)
+
+    def request_done(self, seconds: float, prompt_tokens: int, generation_tokens: int,
+                     reasons: list[str]) -> None:
+        _record(self.e2e, "observe", seconds, self.tags)
+        if prompt_tokens:
+            _record(self.prompt_tokens, "inc", prompt_tokens, self.tags)
+        if generation_tokens:
+            _record(self.generation_tokens, "inc", generation_tokens, self.tags)
+        for reason in reasons:
+            _record(self.finished, "inc", 1, {**self.tags, "finished_reason": reason})

@@ -1,0 +1,95 @@
+"""What crosses process boundaries in the cluster: worker facts, loads, tickets, deltas.
+
+Plain slotted dataclasses, so Ray pickles them cheaply and every side (worker, router,
+ingress) shares one definition. No torch here: the router imports this alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Overloaded(RuntimeError):
+    """The router's waiting queue is full; the caller should answer 429 and retry later."""
+
+
+class NoWorkers(RuntimeError):
+    """No live worker can ever take this request (none registered, or all died)."""
+
+
+class WorkerDied(RuntimeError):
+    """The worker serving a request died after the request produced output."""
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    """Facts about a worker that do not change while it lives."""
+
+    worker_id: str
+    node_id: str
+    pid: int
+    device: str
+    model: str
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    kv_blocks_total: int
+    max_num_seqs: int
+
+
+@dataclass(slots=True)
+class WorkerLoad:
+    """A worker's load report: its engine's counters plus the requests it is streaming."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_free: int = 0
+    kv_blocks_total: int = 0
+    tokens_in_flight: int = 0  # prompt + generated tokens of the requests it holds
+    requests_in_flight: int = 0
+    prefix_cache_hits: int = 0  # tokens found in the prefix cache
+    prefix_cache_queries: int = 0  # tokens looked up
+    num_preemptions: int = 0
+    num_generated_tokens: int = 0  # since the worker started
+    healthy: bool = True
+
+    @classmethod
+    def from_engine_stats(cls, stats: dict[str, int], **extra: Any) -> WorkerLoad:
+        return cls(running=stats["num_running"], waiting=stats["num_waiting"],
+                   kv_blocks_free=stats["kv_blocks_free"], kv_blocks_total=stats["kv_blocks_total"],
+                   prefix_cache_hits=stats["prefix_cache_hits"],
+                   prefix_cache_queries=stats["prefix_cache_queries"],
+                   num_preemptions=stats["num_preemptions"],
+                   num_generated_tokens=stats["num_generated_tokens"], **extra)
+
+
+@dataclass(slots=True)
+class Ticket:
+    """The router's answer: run request `ticket_id` on `worker` (a Ray actor handle) now."""
+
+    ticket_id: str
+    worker_id: str
+    worker: Any  # ray.actor.ActorHandle of an LLMWorker
+
+
+@dataclass(slots=True)
+class SeqDelta:
+    """What one sample (index) gained since the worker's previous chunk."""
+
+    index: int
+    token_ids: list[int]
+    # per new token: {token_id: (logprob, rank)}; the sampled token is the first key
+    logprobs: list[dict[int, tuple[float, int]]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class StreamChunk:
+    """One item of a worker's output stream: the deltas of every sample that moved."""
+
+    num_prompt_tokens: int
+    deltas: list[SeqDelta] = field(default_factory=list)
+    finished: bool = False
+    error: str | None = None  # the worker's engine failed: the request cannot finish

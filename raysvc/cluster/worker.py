@@ -1,0 +1,184 @@
+"""`LLMWorker`: a Ray actor that owns one device and one `AsyncEngine`.
+
+The engine runs token ids only (`skip_tokenizer_init=True`): the ingress tokenizes,
+detokenizes and applies stop strings, so a worker never spends its host thread on text.
+
+Outputs leave through *channels*: a caller process opens one channel per worker (a Ray
+streaming generator, `open_channel`) and then `submit`s requests into it. After every
+engine step the worker yields ONE item per channel holding the new tokens of all of that
+channel's requests that moved. A Ray message per step per caller, rather than per token
+per request, is what keeps the HTTP path's overhead small next to the engine's work; and
+when a caller falls behind, steps merge into bigger items instead of queueing up.
+Closing a channel (its caller left or died) aborts its requests and frees their blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from raysvc.cluster.protocol import SeqDelta, StreamChunk, WorkerInfo, WorkerLoad
+
+
+@dataclass
+class _Channel:
+    moved: asyncio.Event = field(default_factory=asyncio.Event)
+    latest: dict[str, Any] = field(default_factory=dict)  # request id -> newest RequestOutput
+    sent: dict[str, dict[int, tuple[int, bool]]] = field(default_factory=dict)
+    pumps: dict[str, asyncio.Task] = field(default_factory=dict)
+    failed: dict[str, BaseException] = field(default_factory=dict)
+    last_sent: dict[str, float] = field(default_factory=dict)  # request id -> monotonic time
+
+
+class LLMWorker:
+    def __init__(self, worker_id: str, engine_kwargs: dict[str, Any] | None = None,
+                 torch_threads: int | None = None, stream_interval_s: float = 0.0) -> None:
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        from raysvc.engine.async_engine import AsyncEngine
+
+        self.engine = AsyncEngine(**{**(engine_kwargs or {}), "skip_tokenizer_init": True})
+        llm = self.engine.engine
+        self.worker_id = worker_id
+        self.stream_interval_s = stream_interval_s
+        self._info = WorkerInfo(
+            worker_id=worker_id, node_id=_node_id(), pid=os.getpid(), device=str(llm.device),
+            model=str(llm.model_path), max_model_len=llm.max_model_len,
+            vocab_size=llm.model_config.vocab_size, block_size=llm.config.block_size,
+            kv_blocks_total=llm.block_manager.num_blocks, max_num_seqs=llm.config.max_num_seqs)
+        self._channels: dict[str, _Channel] = {}
+        self._tokens: dict[str, int] = {}  # request id -> prompt + generated tokens so far
+        self._failure: BaseException | None = None
+
+    def info(self) -> WorkerInfo:
+        return self._info
+
+    async def load(self) -> WorkerLoad:
+        stats = await self.engine.stats()
+        return WorkerLoad.from_engine_stats(
+            stats, tokens_in_flight=sum(self._tokens.values()),
+            requests_in_flight=len(self._tokens), healthy=self._failure is None)
+
+    async def health(self) -> bool:
+        """Raises if the engine's step loop failed, so the router drops this worker."""
+        if self._failure is not None:
+            raise RuntimeError(f"worker {self.worker_id}: engine failed: {self._failure!r}")
+        return True
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def open_channel(self, channel_id: str) -> AsyncIterator[list[tuple[str, StreamChunk]]]:
+        """Stream [(request id, chunk)] batches for the requests submitted to this channel."""
+        ch = self._channels.setdefault(channel_id, _Channel())
+        due: float | None = None  # when a held-back request must be sent
+        try:
+            while True:
+                timeout = None if due is None else max(due - time.monotonic(), 0.0)
+                try:
+                    await asyncio.wait_for(ch.moved.wait(), timeout)
+                except TimeoutError:
+                    pass
+                ch.moved.clear()
+                batch, due = self._drain(ch)
+                if batch:
+                    yield batch
+        finally:
+            self._channels.pop(channel_id, None)
+            for request_id, task in list(ch.pumps.items()):
+                task.cancel()  # leaving the engine's stream aborts the request there
+                self._tokens.pop(request_id, None)
+
+    async def submit(self, channel_id: str, request_id: str, prompt_token_ids: list[int],
+                     params: dict[str, Any]) -> None:
+        """Start a request whose outputs go to `channel_id`; ValueError for bad params."""
+        from raysvc.engine.sampling_params import SamplingParams
+
+        ch = self._channels.setdefault(channel_id, _Channel())
+        stream = await self.engine.add_request(request_id, prompt_token_ids,
+                                               SamplingParams(**params))
+        self._tokens[request_id] = len(prompt_token_ids)
+        ch.sent[request_id] = {}
+        ch.pumps[request_id] = asyncio.create_task(self._pump(ch, request_id, stream))
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def _pump(self, ch: _Channel, request_id: str, stream) -> None:
+        from raysvc.engine.async_engine import EngineDeadError
+
+        try:
+            async for out in stream:
+                ch.latest[request_id] = out
+                ch.moved.set()
+        except EngineDeadError as e:
+            self._failure = e
+            ch.failed[request_id] = e
+            ch.moved.set()
+
+    def _drain(self, ch: _Channel) -> tuple[list[tuple[str, StreamChunk]], float | None]:
+        """New outputs of the channel's requests, and when to look again for held ones.
+
+        With `stream_interval_s`, a request's first tokens and its end go out at once;
+        in between it is sent at most once per interval (its steps merge meanwhile).
+        """
+        now, interval = time.monotonic(), self.stream_interval_s
+        batch, due = [], None
+        for request_id, out in list(ch.latest.items()):
+            last = ch.last_sent.get(request_id)
+            if interval and last is not None and not out.finished and now - last < interval:
+                due = min(due or last + interval, last + interval)
+                continue
+            del ch.latest[request_id]
+            ch.last_sent[request_id] = now
+            sent = ch.sent[request_id]
+            chunk = _delta(out, sent)
+            self._tokens[request_id] = len(out.prompt_token_ids) + sum(
+                n for n, _ in sent.values())
+            batch.append((request_id, chunk))
+            if chunk.finished:
+                self._forget(ch, request_id)
+        for request_id, error in ch.failed.items():
+            batch.append((request_id, StreamChunk(0, [], True, repr(error))))
+            ch.latest.pop(request_id, None)
+            self._forget(ch, request_id)
+        ch.failed.clear()
+        return batch, due
+
+    def _forget(self, ch: _Channel, request_id: str) -> None:
+        ch.sent.pop(request_id, None)
+        ch.pumps.pop(request_id, None)
+        ch.last_sent.pop(request_id, None)
+        self._tokens.pop(request_id, None)
+
+
+def _delta(out, sent: dict[int, tuple[int, bool]]) -> StreamChunk:
+    """The part of cumulative output `out` not yet in `sent` (index -> tokens, finished)."""
+    chunk = StreamChunk(num_prompt_tokens=len(out.prompt_token_ids), finished=out.finished)
+    for comp in out.outputs:
+        start, reported_finish = sent.get(comp.index, (0, False))
+        finished = comp.finish_reason is not None
+        if len(comp.token_ids) == start and finished == reported_finish:
+            continue
+        logprobs = None
+        if comp.logprobs is not None:
+            logprobs = [{tid: (lp.logprob, lp.rank) for tid, lp in step.items()}
+                        for step in comp.logprobs[start:]]
+        chunk.deltas.append(SeqDelta(comp.index, comp.token_ids[start:], logprobs,
+                                     comp.finish_reason, comp.stop_reason))
+        sent[comp.index] = (len(comp.token_ids), finished)
+    return chunk
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (unit tests drive the class directly)
+        return "local"

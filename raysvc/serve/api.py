@@ -1,0 +1,120 @@
+"""The OpenAI-compatible HTTP API as a FastAPI app over one `OpenAIServer`.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+GET /cluster/stats. Every error leaves in OpenAI's error shape. Built per replica (Serve's
+late-bound ingress), so the routes close over their server instead of a global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raysvc.serve.errors import APIError
+from raysvc.serve.openai_server import OpenAIServer
+
+logger = logging.getLogger(__name__)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit}",
+                       code="request_too_large")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes",
+                           code="request_too_large")
+    return bytes(body)
+
+
+def build_api(server: OpenAIServer) -> FastAPI:
+    app = FastAPI(title="raysvc", description="OpenAI-compatible LLM serving on Ray Serve")
+
+    def authorize(request: Request) -> None:
+        key = server.api_key
+        if not key:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 key.encode()):
+            raise APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
+                           code="invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return APIError(e.status_code, str(e.detail), type=kind).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        return APIError(400, str(e.errors()[:1])).response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, e: Exception) -> JSONResponse:
+        logger.exception("internal error")
+        return APIError(500, f"internal error: {type(e).__name__}: {e}",
+                        type="internal_error").response()
+
+    async def generate(request: Request, chat: bool) -> Response:
+        authorize(request)
+        body = await read_body(request, server.max_body_bytes)
+        result = server.start(body, chat)
+        if result.stream:
+            await server.open_stream(result)
+            return StreamingResponse(server.sse(result), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        work = asyncio.ensure_future(server.collect(result))
+        try:
+            while True:  # the client may leave while we wait: then abort the request
+                done, _ = await asyncio.wait({work}, timeout=server.disconnect_poll_s)
+                if done:
+                    return Response(work.result().model_dump_json(),
+                                    media_type="application/json")
+                if await request.is_disconnected():
+                    logger.info("client left; aborting %s", result.request_id)
+                    return Response(status_code=499)
+        finally:
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(server.models().model_dump())
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok, detail = await server.health()
+        return JSONResponse({"status": "ok" if ok else "unavailable", **detail},
+                            status_code=200 if ok else 503)
+
+    @app.get("/cluster/stats")
+    async def cluster_stats(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(await server.cluster_stats())
+
+    return app

@@ -1,0 +1,133 @@
+"""The Serve application: a cluster deployment that owns the router and workers, and the
+OpenAI ingress deployment in front of it.
+
+`build_app(args)` is the import path Serve configs name (`raysvc.serve.app:build_app`);
+`raysvc serve` calls it too. The cluster deployment (one replica) starts the router and
+the worker actors and owns them — they live and die with the Serve application, so
+`serve shutdown` or deleting the app leaves nothing behind. Ingress replicas ask it once
+for the router's handle and the model's facts, then talk to the router and the workers
+directly: Serve's request path carries HTTP only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+logger = logging.getLogger(__name__)
+
+
+class ServeArgs(BaseModel):
+    """Everything `raysvc serve` and a Serve config's `args:` may set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None  # checkpoint dir; None: the built-in "tiny"
+    served_model_name: str | None = None  # what clients send as "model" (default: model)
+    num_workers: int = Field(1, ge=1)
+    engine: dict[str, Any] = Field(default_factory=dict)  # EngineConfig fields
+    worker_num_cpus: float = Field(1.0, ge=0)
+    worker_num_gpus: float | None = None  # None: 1 on a GPU cluster, else 0
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+    worker_torch_threads: int | None = None
+    stream_interval_s: float = Field(0.0, ge=0)
+    max_queue_len: int = Field(1024, ge=1)
+    max_seqs_per_worker: int | None = Field(None, ge=1)
+    api_key: str | None = None  # None: $RAYSVC_API_KEY if set, else no auth
+    max_body_bytes: int = Field(4 << 20, ge=1024)
+    max_n: int = Field(16, ge=1)
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(1024, ge=1)
+
+    def model_name(self) -> str:
+        return self.served_model_name or self.model or "tiny"
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get("RAYSVC_API_KEY") or None
+
+    def worker_spec(self):
+        from raysvc.cluster.launch import WorkerSpec
+
+        kwargs = {**self.engine, "model": self.model}
+        return WorkerSpec(engine_kwargs=kwargs, num_cpus=self.worker_num_cpus,
+                          num_gpus=self.worker_num_gpus, resources=self.worker_resources,
+                          torch_threads=self.worker_torch_threads,
+                          stream_interval_s=self.stream_interval_s)
+
+
+class RaysvcCluster:
+    """Owns the router and the workers; hands ingress replicas the router's handle."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        import ray
+
+        from raysvc.cluster.launch import add_workers, start_router
+
+        a = ServeArgs(**args)
+        self.router = start_router(max_queue_len=a.max_queue_len,
+                                   max_seqs_per_worker=a.max_seqs_per_worker)
+        self.workers = add_workers(self.router, a.worker_spec(), a.num_workers)
+        infos = ray.get(self.router.workers.remote(), timeout=60)
+        self.facts = {
+            "model_path": next(iter(infos.values())).model,
+            "max_model_len": min(i.max_model_len for i in infos.values()),
+            "vocab_size": min(i.vocab_size for i in infos.values()),
+        }
+
+    async def describe(self) -> dict[str, Any]:
+        return {"router": self.router, **self.facts}
+
+    async def check_health(self) -> None:
+        await self.router.workers.remote()  # raises if the router actor is gone
+
+
+@serve.ingress()
+class OpenAIIngress:
+    """One ingress replica: tokenizer, request checks and response shaping."""
+
+    async def __init__(self, cluster: Any, args: dict[str, Any]) -> None:
+        from raysvc.engine.llm_engine import load_tokenizer
+        from raysvc.serve.openai_server import OpenAIServer
+        from raysvc.serve.requests import ModelFacts
+
+        a = ServeArgs(**args)
+        facts = await cluster.describe.remote()
+        tokenizer = load_tokenizer(Path(facts["model_path"]))
+        if tokenizer is None:
+            raise ValueError(f"model {facts['model_path']}: no tokenizer; the HTTP server "
+                             f"needs one")
+        tokenizer.model_max_length = 1 << 62  # lengths are checked against the context here
+        model = ModelFacts(name=a.model_name(), max_model_len=facts["max_model_len"],
+                           vocab_size=facts["vocab_size"], max_n=a.max_n)
+        self.server = OpenAIServer(tokenizer, model, facts["router"],
+                                   api_key=a.resolved_api_key(), max_body_bytes=a.max_body_bytes)
+
+    def __serve_build_asgi_app__(self):
+        from raysvc.serve.api import build_api
+
+        return build_api(self.server)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application for `serve run` / `serve deploy` configs and for `raysvc serve`."""
+    a = ServeArgs(**args)
+    from raysvc.engine.config import EngineConfig
+
+    EngineConfig.from_kwargs(**{**a.engine, "model": a.model})  # fail here, not in a replica
+    plain = a.model_dump()
+    cluster = serve.deployment(
+        RaysvcCluster, name="RaysvcCluster", num_replicas=1,
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
+    ).bind(plain)
+    ingress = serve.deployment(
+        OpenAIIngress, name="OpenAIIngress", num_replicas=a.ingress_replicas,
+        ray_actor_options={"num_cpus": a.ingress_num_cpus},
+        max_ongoing_requests=a.max_ongoing_requests,
+    )
+    return ingress.bind(cluster, plain)

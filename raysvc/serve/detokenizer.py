@@ -1,0 +1,92 @@
+"""One sample's text, built in the ingress: incremental UTF-8-safe decoding and stop strings.
+
+The same algorithm as the engine's (`raysvc/engine/detokenizer.py`), so text served over
+HTTP equals `LLM.generate`'s: each token decodes a short window from `prefix_offset` and
+emits only what extends the text decoded up to `read_offset`; a window that ends in a
+partial character (U+FFFD) waits for the next token. Stop strings are checked after every
+token (only the tail that could hold one), so the token count at a stop is exact, and
+while streaming the last `max(len(stop)) - 1` characters are held back in case they
+begin a stop string.
+"""
+
+from __future__ import annotations
+
+
+class SampleText:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str],
+                 include_stop: bool = False, skip_special_tokens: bool = True,
+                 min_tokens: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.include_stop = include_stop
+        self.skip_special_tokens = skip_special_tokens
+        self.min_tokens = min_tokens
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.prefix_offset = max(len(prompt_token_ids) - 5, 0)
+        self.read_offset = len(prompt_token_ids)
+        self.text = ""
+        self.sent = 0  # characters of `text` already handed out
+        self.logprobs: list[dict[int, tuple[float, int]]] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def add(self, token_ids: list[int],
+            logprobs: list[dict[int, tuple[float, int]]] | None = None) -> None:
+        """Append new tokens; stops (and ignores the rest) at the first stop string."""
+        for i, token in enumerate(token_ids):
+            if self.finished:
+                return
+            self.token_ids.append(token)
+            if logprobs is not None:
+                self.logprobs.append(logprobs[i])
+            delta = self._decode_step()
+            if delta and self.stop and self.num_output_tokens >= self.min_tokens:
+                self._find_stop(len(delta))
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        if not self.finished:
+            self.finish_reason, self.stop_reason = reason, stop_reason
+
+    def take(self) -> str:
+        """The text not handed out yet that is safe to show now."""
+        end = len(self.text)
+        if not self.finished and self.stop and not self.include_stop:
+            end = max(end - (max(len(s) for s in self.stop) - 1), self.sent)
+        piece = self.text[self.sent:end]
+        self.sent = end
+        return piece
+
+    def _decode_step(self) -> str:
+        ids, skip = self.token_ids, self.skip_special_tokens
+        prefix = self.tokenizer.decode(ids[self.prefix_offset:self.read_offset],
+                                       skip_special_tokens=skip)
+        full = self.tokenizer.decode(ids[self.prefix_offset:], skip_special_tokens=skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        self.text += delta
+        return delta
+
+    def _find_stop(self, new_len: int) -> None:
+        for stop in self.stop:
+            start = max(len(self.text) - new_len - len(stop) + 1, 0)
+            at = self.text.find(stop, start)
+            if at != -1:
+                self.text = self.text[:at + len(stop) if self.include_stop else at]
+                self.sent = min(self.sent, len(self.text))
+                self.finish("stop", stop)
+                return

@@ -1,0 +1,120 @@
+"""One HTTP request's generation: its prompts through the cluster, its samples' texts.
+
+A completions request may carry several prompts, each with `n` samples; choice
+`i * n + j` is sample j of prompt i (OpenAI's numbering). Each prompt is one cluster
+request; their streams are merged. After every worker chunk the caller gets the choice
+indices that moved. A sample that hits a stop string is done here even though its worker
+keeps going; when every sample of a prompt is done, the prompt's stream is closed, which
+aborts it on its worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from raysvc.cluster.client import ClusterClient
+from raysvc.serve.detokenizer import SampleText
+
+
+@dataclass(slots=True)
+class Timing:
+    start: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_chunk: float | None = None
+    gaps: list[tuple[float, int]] = field(default_factory=list)  # (seconds, tokens)
+
+    def chunk(self, num_tokens: int) -> None:
+        now = time.monotonic()
+        if num_tokens and self.first_token is None:
+            self.first_token = now
+        elif num_tokens and self.last_chunk is not None:
+            self.gaps.append((now - self.last_chunk, num_tokens))
+        if num_tokens:
+            self.last_chunk = now
+
+
+class Generation:
+    def __init__(self, client: ClusterClient, request_id: str, prompts: list[list[int]],
+                 engine_params: dict[str, Any], samples: list[list[SampleText]]) -> None:
+        self.client = client
+        self.request_id = request_id
+        self.prompts = prompts
+        self.engine_params = engine_params
+        self.samples = samples  # [prompt][sample]
+        self.timing = Timing()
+
+    @property
+    def choices(self) -> list[SampleText]:
+        return [s for per_prompt in self.samples for s in per_prompt]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(s.num_output_tokens for s in self.choices)
+
+    async def stream(self) -> AsyncIterator[list[int]]:
+        """Yield the choice indices that moved, after every worker chunk, until all end."""
+        if len(self.prompts) == 1:
+            async for moved in self._run_prompt(0):
+                yield moved
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for moved in self._run_prompt(i):
+                    queue.put_nowait(moved)
+                queue.put_nowait(None)
+            except BaseException as e:
+                queue.put_nowait(e)
+                raise
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.prompts))]
+        try:
+            pending = len(tasks)
+            while pending:
+                item = await queue.get()
+                if item is None:
+                    pending -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run_prompt(self, i: int) -> AsyncIterator[list[int]]:
+        samples = self.samples[i]
+        n = len(samples)
+        stream = self.client.generate(f"{self.request_id}-{i}", self.prompts[i],
+                                      self.engine_params, n)
+        try:
+            async for chunk in stream:
+                moved, tokens = [], 0
+                for delta in chunk.deltas:
+                    sample = samples[delta.index]
+                    if sample.finished:
+                        continue
+                    sample.add(delta.token_ids, delta.logprobs)
+                    tokens += len(delta.token_ids)
+                    if delta.finish_reason is not None:
+                        sample.finish(delta.finish_reason, delta.stop_reason)
+                    moved.append(i * n + delta.index)
+                self.timing.chunk(tokens)
+                if moved:
+                    yield moved
+                if all(s.finished for s in samples):
+                    return
+            for sample in samples:  # a stream that ended early (aborted at the worker)
+                sample.finish("abort")
+        finally:
+            await stream.aclose()

@@ -1,0 +1,216 @@
+"""`OpenAIServer`: what one ingress replica does per request, free of HTTP plumbing.
+
+parse (strict pydantic) -> check against the model -> tokenize / chat template -> plan ->
+generate through the cluster -> shape OpenAI's response or its server-sent events. Errors
+from the cluster become HTTP statuses here: `Overloaded` 429, no worker 503, a worker
+that died mid-request 503, a request the engine refused 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from raysvc.cluster.client import ClusterClient
+from raysvc.cluster.metrics import RequestMetrics
+from raysvc.cluster.protocol import NoWorkers, Overloaded, WorkerDied
+from raysvc.serve import requests, responses
+from raysvc.serve.errors import APIError, bad_request, from_validation_error
+from raysvc.serve.generation import Generation
+from raysvc.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+from raysvc.serve.requests import ModelFacts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Started:
+    """A request that passed every check and has a generation ready to run."""
+
+    request_id: str
+    chat: bool
+    stream: bool
+    include_usage: bool
+    gen: Generation
+    plan: requests.Plan
+    cursor: responses.LogprobCursor
+    created: int = field(default_factory=lambda: int(time.time()))
+    iterator: AsyncIterator[list[int]] | None = None
+    first: list[int] | None = None
+
+
+class OpenAIServer:
+    def __init__(self, tokenizer, facts: ModelFacts, router: Any, api_key: str | None = None,
+                 max_body_bytes: int = 4 << 20, disconnect_poll_s: float = 0.25) -> None:
+        self.tokenizer = tokenizer
+        self.facts = facts
+        self.router = router
+        self.client = ClusterClient(router)
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.disconnect_poll_s = disconnect_poll_s
+        self.metrics = RequestMetrics(facts.name)
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid():x}{uuid.uuid4().hex[:6]}"
+
+    # -- requests ----------------------------------------------------------------------
+
+    def start(self, body: bytes, chat: bool) -> Started:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise bad_request(f"request body is not valid UTF-8 (byte {e.start})",
+                              code="invalid_encoding") from e
+        model = requests.ChatCompletionRequest if chat else requests.CompletionRequest
+        try:
+            req: ChatCompletionRequest | CompletionRequest = model.model_validate_json(text)
+        except ValidationError as e:
+            raise from_validation_error(e) from e
+        requests.check_model(req.model, self.facts)
+        if chat:
+            prompts = [requests.chat_prompt(req, self.tokenizer)]
+            top_n = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            prompts = requests.completion_prompts(req, self.tokenizer, self.facts)
+            top_n = req.logprobs
+        plan = requests.plan(req, prompts, self.tokenizer, self.facts)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{self._prefix}{next(self._ids):x}"
+        gen = Generation(self.client, request_id, plan.prompts, plan.engine_params,
+                         plan.samples)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Started(request_id, chat, req.stream, include_usage, gen, plan,
+                       responses.LogprobCursor(self.tokenizer, top_n))
+
+    async def collect(self, s: Started) -> BaseModel:
+        """Run a non-streaming request to the end and shape its response."""
+        iterator = s.gen.stream()
+        try:
+            async for _ in iterator:
+                pass
+        except Exception as e:
+            raise cluster_error(e) from e
+        finally:
+            await iterator.aclose()
+            self._record(s)
+        name = self.facts.name
+        if s.chat:
+            return responses.chat_response(s.request_id, name, s.gen, s.cursor)
+        return responses.completion_response(s.request_id, name, s.gen, s.plan.prompt_texts,
+                                             s.cursor)
+
+    async def open_stream(self, s: Started) -> None:
+        """Wait for the first output before answering, so queue-full (429) and similar
+        refusals still reach the client as HTTP statuses."""
+        s.iterator = s.gen.stream()
+        try:
+            s.first = await anext(s.iterator, None)
+        except Exception as e:
+            await s.iterator.aclose()
+            raise cluster_error(e) from e
+
+    async def sse(self, s: Started) -> AsyncIterator[str]:
+        """Server-sent events as OpenAI sends them; the last is `data: [DONE]`."""
+        name, echoed = self.facts.name, set()
+        try:
+            if s.chat:
+                role = responses.chat_role_chunk(s.request_id, name, s.created,
+                                                 len(s.gen.choices))
+                yield _event(role)
+            moved = s.first
+            while moved is not None:
+                if s.chat:
+                    chunk = responses.chat_chunk(s.request_id, name, s.created, s.gen, moved,
+                                                 s.cursor)
+                else:
+                    chunk = responses.completion_chunk(s.request_id, name, s.created, s.gen,
+                                                       moved, s.plan.prompt_texts, s.cursor,
+                                                       echoed)
+                if chunk is not None:
+                    yield _event(chunk)
+                moved = await anext(s.iterator, None)
+            if s.include_usage:
+                kind = responses.ChatCompletionChunk if s.chat else responses.CompletionResponse
+                yield _event(kind(id=s.request_id, model=name, created=s.created, choices=[],
+                                  usage=responses.usage(s.gen)))
+        except Exception as e:  # after the status line: the error travels as an event
+            err = cluster_error(e)
+            yield f"data: {_json(err.body())}\n\n"
+        finally:
+            await s.iterator.aclose()
+            self._record(s)
+        yield "data: [DONE]\n\n"
+
+    def _record(self, s: Started) -> None:
+        t = s.gen.timing
+        if t.first_token is not None:
+            self.metrics.first_token(t.first_token - t.start)
+        for seconds, tokens in t.gaps:
+            self.metrics.inter_token(seconds, tokens)
+        self.metrics.request_done(time.monotonic() - t.start, s.gen.num_prompt_tokens,
+                                  s.gen.num_output_tokens,
+                                  [c.finish_reason or "abort" for c in s.gen.choices])
+
+    # -- other routes ------------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.facts.name, root=self.facts.name,
+                                         max_model_len=self.facts.max_model_len)])
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        try:
+            workers = await asyncio.wait_for(self.router.workers.remote(), 10)
+        except Exception as e:
+            return False, {"detail": f"router unreachable: {type(e).__name__}"}
+        return bool(workers), {"workers": len(workers)}
+
+    async def cluster_stats(self) -> dict[str, Any]:
+        return await asyncio.wait_for(self.router.stats.remote(), 30)
+
+
+def cluster_error(e: BaseException) -> APIError:
+    """Map what a generation raised to the HTTP error the client should see."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, Overloaded):
+        return APIError(429, _last_line(e), type="overloaded_error", code="overloaded")
+    if isinstance(e, (NoWorkers, WorkerDied)):
+        return APIError(503, _last_line(e), type="service_unavailable_error",
+                        code="worker_unavailable")
+    if isinstance(e, ValueError):
+        return bad_request(_last_line(e))
+    logger.error("generation failed: %r", e)
+    return APIError(500, f"internal error: {type(e).__name__}: {_last_line(e)}",
+                    type="internal_error")
+
+
+def _last_line(e: BaseException) -> str:
+    """The message of `e`, or of its cause when Ray wrapped it (RayTaskError)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        e = cause
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _event(model: BaseModel) -> str:
+    return f"data: {model.model_dump_json()}\n\n"

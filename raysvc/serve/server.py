@@ -1,0 +1,96 @@
+"""`raysvc serve`: run the application on an embedded local Ray, or on a cluster.
+
+With no address, a private local Ray is started (no dashboard) and torn down on exit;
+with `--address`, the app is deployed onto that cluster and deleted on exit. SIGTERM and
+SIGINT end the process cleanly: the app is deleted (aborting in-flight requests and
+freeing the workers), then Serve and the local Ray shut down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+from raysvc.serve.app import ServeArgs, build_app
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "raysvc"
+
+
+def start(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000,
+          address: str | None = None, num_cpus: int | None = None) -> str:
+    """Start Ray (unless connecting), Serve and the app; return the base URL once ready."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level="warning")
+        else:
+            # Our own Ray: the serving processes are the main work here, so they run at
+            # normal priority (Ray lowers workers to nice 15 by default).
+            os.environ.setdefault("RAY_worker_niceness", "0")
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     logging_level="warning")
+    quiet = {"log_level": "WARNING", "enable_access_log": False}
+    serve.start(http_options={"host": host, "port": port}, logging_config=quiet,
+                proxy_location="HeadOnly" if not address else "EveryNode")
+    serve.run(build_app(args.model_dump()), name=APP_NAME, route_prefix="/", blocking=False,
+              logging_config=quiet)
+    return f"http://{host}:{port}"
+
+
+def stop(local: bool) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        if local:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    finally:
+        if local and ray.is_initialized():
+            ray.shutdown()
+
+
+def usage_text(url: str, args: ServeArgs) -> str:
+    auth = ' -H "Authorization: Bearer $RAYSVC_API_KEY"' if args.resolved_api_key() else ""
+    name = args.model_name()
+    return (f"raysvc is serving {name!r} with {args.num_workers} worker(s) at {url}/v1\n"
+            f"  curl {url}/v1/completions{auth} -H 'Content-Type: application/json' \\\n"
+            f"       -d '{{\"model\": \"{name}\", \"prompt\": \"The list type\", "
+            f"\"max_tokens\": 32}}'\n"
+            f"  python -c \"import os; from openai import OpenAI; c = OpenAI(base_url='{url}/v1', "
+            f"api_key=os.environ.get('RAYSVC_API_KEY', 'none')); print(c.completions.create("
+            f"model='{name}', prompt='The list type').choices[0].text)\"\n"
+            f"  stats: {url}/cluster/stats   health: {url}/health   stop: Ctrl-C")
+
+
+def serve_forever(args: ServeArgs, host: str, port: int, address: str | None = None,
+                  num_cpus: int | None = None) -> int:
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        logger.warning("raysvc serve: %s received, shutting down", signal.Signals(signum).name)
+        stopping.set()
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, on_signal) for s in signals}
+    try:
+        url = start(args, host, port, address, num_cpus)
+        for s in signals:  # again: ray.init installs its own handler, which kills the process
+            signal.signal(s, on_signal)
+        print(usage_text(url, args), flush=True)
+        while not stopping.is_set():
+            time.sleep(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        stop(local=address is None)
+    print("raysvc serve: stopped", flush=True)
+    return 0

@@ -1,0 +1,418 @@
+"""The real server end to end: `raysvc serve` (embedded Ray + Serve on 127.0.0.1), driven
+with the official `openai` client and raw aiohttp, against the offline engine as oracle.
+
+One server for the whole module (started once, ~20 s), stopped by the last test with
+SIGTERM. Greedy outputs must equal `LLM.generate`'s on the same prompts, token for token
+(compared as text and as token counts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from raysvc import LLM, SamplingParams
+
+API_KEY = "test-key"
+MAX_BODY = 65536
+NUM_KV_BLOCKS = 512
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / "server.log"
+        env = {**os.environ, "RAYSVC_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)
+        cmd = [sys.executable, "-m", "raysvc.cli", "serve", "--port", str(self.port),
+               "--num-kv-blocks", str(NUM_KV_BLOCKS), "--max-num-seqs", "32",
+               "--max-body-bytes", str(MAX_BODY), "--max-n", "4", "--worker-threads", "1",
+               "--num-cpus", "2"]
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200 and "raysvc is serving" in self.output():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()[-5000:]}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                return self.proc.wait(timeout=30)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("serve"))
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(num_kv_blocks=256)
+
+
+@pytest.fixture
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def _stats(server) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(server.url + "/cluster/stats",
+                                 headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _wait_all_free(server, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = _stats(server)
+        w = stats["workers"][0]
+        if (w["kv_blocks_free"] == w["kv_blocks_total"] and w["running"] == 0
+                and w["requests_in_flight"] == 0 and stats["queue_len"] == 0):
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"blocks not freed: {stats}")
+        time.sleep(0.2)
+
+
+PROMPTS = ["The list type", "def f(x):", "Python's dict"]
+
+
+def test_models_health_and_stats(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    stats = _stats(server)
+    (w,) = stats["workers"]
+    for key in ("worker_id", "node_id", "pid", "running", "waiting", "kv_blocks_free",
+                "kv_blocks_total", "requests_routed", "prefix_cache_hits",
+                "prefix_cache_queries"):
+        assert key in w, key
+    assert w["kv_blocks_total"] == NUM_KV_BLOCKS
+
+
+def test_completions_greedy_equal_offline_engine(client, llm):
+    params = SamplingParams(temperature=0, max_tokens=24)
+    expected = llm.generate(PROMPTS, params)
+    for prompt, exp in zip(PROMPTS, expected, strict=True):
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
+                                        temperature=0)
+        choice = out.choices[0]
+        assert choice.text == exp.outputs[0].text
+        assert choice.finish_reason == exp.outputs[0].finish_reason
+        assert out.usage.prompt_tokens == len(exp.prompt_token_ids)
+        assert out.usage.completion_tokens == len(exp.outputs[0].token_ids)
+        stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
+                                           temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == choice.text
+
+
+def test_completions_batch_of_prompts_and_token_ids(client, llm):
+    tok = llm.tokenizer
+    ids = tok.encode(PROMPTS[1])
+    out = client.completions.create(model="tiny", prompt=[PROMPTS[0], PROMPTS[2]],
+                                    max_tokens=8, temperature=0)
+    exp = llm.generate([PROMPTS[0], PROMPTS[2]], SamplingParams(temperature=0, max_tokens=8))
+    assert [c.index for c in out.choices] == [0, 1]
+    assert [c.text for c in out.choices] == [e.outputs[0].text for e in exp]
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == llm.generate([ids], SamplingParams(
+        temperature=0, max_tokens=8))[0].outputs[0].text
+
+
+def test_chat_greedy_equal_offline_engine(client, llm):
+    messages = [{"role": "system", "content": "You answer about Python."},
+                {"role": "user", "content": "What is a list?"}]
+    tok = llm.tokenizer
+    ids = tok.encode(tok.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True),
+                     add_special_tokens=False)
+    exp = llm.generate([ids], SamplingParams(temperature=0, max_tokens=20))[0]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20,
+                                         temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == exp.outputs[0].text
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage.completion_tokens == len(exp.outputs[0].token_ids)
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=20, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == exp.outputs[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == \
+        len(exp.outputs[0].token_ids)
+
+
+def test_sse_framing_raw(server):
+    async def main():
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        body = {"model": "tiny", "prompt": "The list type", "max_tokens": 12,
+                "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        async with aiohttp.ClientSession(headers=headers) as s:
+            async with s.post(server.url + "/v1/completions", json=body) as r:
+                assert r.status == 200
+                assert r.headers["content-type"].startswith("text/event-stream")
+                raw = (await r.read()).decode()
+        return raw
+
+    raw = asyncio.run(main())
+    assert raw.endswith("data: [DONE]\n\n")
+    events = raw.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), events
+    payloads = [json.loads(e[6:]) for e in events[:-1]]
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 12
+    body = payloads[:-1]
+    assert all(p["object"] == "text_completion" and p["usage"] is None for p in body)
+    assert body[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(p["choices"][0]["finish_reason"] is None for p in body[:-1])
+
+
+def test_n_seed_temperature_top_p(client):
+    kw = dict(model="tiny", prompt="The list type", max_tokens=12, temperature=0.9,
+              top_p=0.9, n=3, seed=7, logprobs=0)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
+    assert len({c.text for c in a.choices}) > 1  # the samples differ
+    assert a.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in a.choices)
+    other = client.completions.create(**{**kw, "seed": 8})
+    assert [c.text for c in other.choices] != [c.text for c in a.choices]
+
+
+def test_stop_strings(client, llm):
+    full = llm.generate(["The list type"], SamplingParams(temperature=0, max_tokens=32,
+                                                          ignore_eos=True))[0].outputs[0].text
+    stop = full[10:14]
+    assert stop.strip() and full.find(stop) >= 0
+    expected = full[:full.find(stop)]
+    kw = dict(model="tiny", prompt="The list type", max_tokens=32, temperature=0,
+              stop=[stop], extra_body={"ignore_eos": True})
+    out = client.completions.create(**kw)
+    assert out.choices[0].text == expected and out.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True)
+                       if c.choices)
+    assert streamed == expected
+    kept = client.completions.create(**{**kw, "extra_body": {
+        "ignore_eos": True, "include_stop_str_in_output": True}})
+    assert kept.choices[0].text == expected + stop
+
+
+def test_logprobs_and_echo(client, llm):
+    exp = llm.generate(["The list type"], SamplingParams(temperature=0, max_tokens=6,
+                                                         logprobs=2))[0].outputs[0]
+    out = client.completions.create(model="tiny", prompt="The list type", max_tokens=6,
+                                    temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(exp.token_ids) == len(lp.token_logprobs)
+    for got, token, step in zip(lp.token_logprobs, exp.token_ids, exp.logprobs, strict=True):
+        assert got == pytest.approx(step[token].logprob, abs=1e-4)
+    assert all(len(top) >= 2 for top in lp.top_logprobs)
+    chat = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0,
+                                          messages=[{"role": "user", "content": "hi"}],
+                                          logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    echo = client.completions.create(model="tiny", prompt="The list type", max_tokens=6,
+                                     temperature=0, echo=True)
+    assert echo.choices[0].text == "The list type" + exp.text
+
+
+def test_64_concurrent_streaming_clients(server):
+    from openai import AsyncOpenAI
+
+    async def main():
+        c = AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0,
+                        timeout=300)
+
+        async def one(i: int) -> tuple[int, str | None]:
+            stream = await c.completions.create(
+                model="tiny", prompt=f"Request {i}: the list type", max_tokens=16,
+                temperature=0, stream=True, stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True})
+            tokens, reason = 0, None
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    reason = chunk.choices[0].finish_reason
+                if chunk.usage:
+                    tokens = chunk.usage.completion_tokens
+            return tokens, reason
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(64)))
+        finally:
+            await c.close()
+
+    results = asyncio.run(main())
+    assert results == [(16, "length")] * 64
+    _wait_all_free(server)
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server):
+    before = _stats(server)["workers"][0]["num_generated_tokens"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": "tiny", "prompt": "The list type", "max_tokens": 480, "n": 4,
+            "temperature": 0.8, "ignore_eos": True}
+
+    async def streaming():
+        async with aiohttp.ClientSession(headers=headers) as s:
+            async with s.post(server.url + "/v1/completions",
+                              json={**body, "stream": True}) as r:
+                assert r.status == 200
+                for _ in range(3):
+                    await r.content.readline()
+            # leaving the block closes the connection mid-stream
+
+    async def blocking():
+        async with aiohttp.ClientSession(headers=headers) as s:
+            try:
+                await s.post(server.url + "/v1/completions", json=body,
+                             timeout=aiohttp.ClientTimeout(total=1.0))
+            except asyncio.TimeoutError:
+                pass
+
+    asyncio.run(streaming())
+    _wait_all_free(server)
+    asyncio.run(blocking())
+    stats = _wait_all_free(server)
+    generated = stats["workers"][0]["num_generated_tokens"] - before
+    assert generated < 2 * 4 * 480 * 0.9, generated  # both were cut short
+
+
+# -- bad input: 4xx in OpenAI's error shape, the server serving on ---------------------
+
+
+def _post(server, path: str, body: bytes | dict, headers: dict | None = None):
+    async def main():
+        h = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json",
+             **(headers or {})}
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        async with aiohttp.ClientSession() as s:
+            async with s.post(server.url + path, data=data, headers=h) as r:
+                return r.status, await r.json(content_type=None)
+
+    return asyncio.run(main())
+
+
+def _assert_error(status: int, body: dict, expected: int, param: str | None = None) -> None:
+    assert status == expected, (status, body)
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+
+
+COMPLETIONS_BAD = [
+    (b"{not json", 400, None),
+    ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"max_tokens": 5}, 400, "prompt"),
+    ({"prompt": "x", "model": "gpt-9"}, 404, "model"),
+    ({"prompt": [5] * 600}, 400, "prompt"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"prompt": "x", "temperature": 2.5}, 400, "temperature"),
+    ({"prompt": "x", "temperature": -0.1}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "x", "n": 5}, 400, "n"),
+    ({"prompt": [5, 4096]}, 400, "prompt"),
+    ({"prompt": [5, -1]}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": "x", "unknown_field": 1}, 400, "unknown_field"),
+    (b"\xff\xfe{\"prompt\": \"x\"}", 400, None),
+    (b"[1, 2]", 400, None),
+]
+
+CHAT_BAD = [
+    ({"model": "tiny"}, 400, "messages"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": "hello"}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ({"messages": [{"content": "x"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x" * 3000}]}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", COMPLETIONS_BAD)
+def test_bad_completion_requests(server, body, status, param):
+    _assert_error(*_post(server, "/v1/completions", body), status, param)
+
+
+@pytest.mark.parametrize("body,status,param", CHAT_BAD)
+def test_bad_chat_requests(server, body, status, param):
+    _assert_error(*_post(server, "/v1/chat/completions", body), status, param)
+
+
+def test_body_over_limit_auth_and_unknown_route(server):
+    _assert_error(*_post(server, "/v1/completions", {"prompt": "x" * MAX_BODY}), 413)
+    _assert_error(*_post(server, "/v1/completions", {"prompt": "x"},
+                         headers={"Authorization": "Bearer wrong"}), 401)
+    _assert_error(*_post(server, "/v1/completions", {"prompt": "x"},
+                         headers={"Authorization": ""}), 401)
+    _assert_error(*_post(server, "/v1/nothing", {"prompt": "x"}), 404)
+
+
+def test_server_serves_on_after_bad_input(server, client):
+    out = client.completions.create(model="tiny", prompt="The list type", max_tokens=4,
+                                    temperature=0)
+    assert out.usage.completion_tokens == 4 or out.choices[0].finish_reason == "stop"
+    _wait_all_free(server)
+
+
+def test_sigterm_shuts_down_cleanly(server):
+    assert server.stop() == 0, server.output()[-3000:]
+    assert "raysvc serve: stopped" in server.output()
