@@ -1,0 +1,212 @@
+"""The HTTP layer against a scripted cluster (no Ray, no engine): how cluster failures and
+client disconnects surface. The FastAPI app runs under uvicorn on 127.0.0.1; the router
+and worker are fakes with Ray's call shape (`handle.method.remote(...)` -> awaitable), so
+the real ingress code (OpenAIServer, Generation, ClusterClient) runs unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import aiohttp
+import pytest
+from ray.exceptions import ActorDiedError
+
+from raysvc.cluster.protocol import NoWorkers, Overloaded, SeqDelta, StreamChunk, Ticket
+
+
+class _M:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return asyncio.ensure_future(self.fn(*args))
+
+
+class FakeWorker:
+    """Each request streams `tokens` one chunk at a time, `delay` apart; `die_after`
+    chunks into the stream the worker 'dies' (its channel raises ActorDiedError)."""
+
+    def __init__(self, tokens=(5, 6, 7), delay=0.01, die_after=None):
+        self.tokens, self.delay, self.die_after = list(tokens), delay, die_after
+        self.aborted: list[str] = []
+        self.channels: dict[str, asyncio.Queue] = {}
+        self.submit = _M(self._submit)
+        self.abort = _M(self._abort)
+        self.open_channel = self  # .remote(channel_id) -> async iterator of awaitables
+
+    def remote(self, channel_id):
+        queue = self.channels.setdefault(channel_id, asyncio.Queue())
+
+        async def items():
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                fut = asyncio.get_running_loop().create_future()
+                fut.set_result(item)
+                yield fut
+
+        return items()
+
+    async def _submit(self, channel_id, request_id, prompt, params):
+        queue = self.channels.setdefault(channel_id, asyncio.Queue())
+
+        async def play():
+            for i, token in enumerate(self.tokens):
+                await asyncio.sleep(self.delay)
+                if request_id in self.aborted:
+                    return
+                if self.die_after is not None and i == self.die_after:
+                    queue.put_nowait(ActorDiedError())
+                    return
+                last = i == len(self.tokens) - 1
+                delta = SeqDelta(0, [token], None, "length" if last else None)
+                queue.put_nowait([(request_id, StreamChunk(len(prompt), [delta], last))])
+
+        asyncio.ensure_future(play())
+
+    async def _abort(self, request_id):
+        self.aborted.append(request_id)
+
+
+class FakeRouter:
+    def __init__(self, workers, refuse=None):
+        self.workers_list, self.refuse = list(workers), refuse
+        self.released: list[str] = []
+        self.failed: list[str] = []
+        self.acquire = _M(self._acquire)
+        self.release = _M(self._release)
+        self.worker_failed = _M(self._failed)
+        self.workers = _M(self._workers)
+        self.stats = _M(self._stats)
+
+    async def _acquire(self, ticket_id, num_tokens, n):
+        if self.refuse is not None:
+            raise self.refuse
+        worker = self.workers_list[0] if len(self.workers_list) == 1 else \
+            self.workers_list.pop(0)
+        return Ticket(ticket_id, f"w{id(worker)}", worker)
+
+    async def _release(self, ticket_id):
+        self.released.append(ticket_id)
+
+    async def _failed(self, worker_id):
+        self.failed.append(worker_id)
+
+    async def _workers(self):
+        return {"w": None}
+
+    async def _stats(self):
+        return {"queue_len": 0, "workers": []}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(make_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(make_checkpoint("llama")[0])
+
+
+def serve_app(tokenizer, router):
+    """Run the app on a free port in a thread; returns (url, stop)."""
+    import uvicorn
+
+    from raysvc.serve.api import build_api
+    from raysvc.serve.openai_server import OpenAIServer
+    from raysvc.serve.requests import ModelFacts
+
+    server = OpenAIServer(tokenizer, ModelFacts("m", 256, 512), router,
+                          disconnect_poll_s=0.05)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(build_api(server), host="127.0.0.1", port=port, log_level="error")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.01)
+
+    def stop():
+        uv.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+def post(url, body, timeout=10.0):
+    async def main():
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "/v1/completions", json=body,
+                              timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                return r.status, (await r.read()).decode()
+
+    return asyncio.run(main())
+
+
+BODY = {"prompt": "The list type", "max_tokens": 3, "temperature": 0}
+
+
+@pytest.mark.parametrize("error,status,code", [
+    (Overloaded("server overloaded: 1024 requests are waiting"), 429, "overloaded"),
+    (NoWorkers("no live worker is left"), 503, "worker_unavailable"),
+])
+def test_router_refusals_become_statuses(tokenizer, error, status, code):
+    url, stop = serve_app(tokenizer, FakeRouter([FakeWorker()], refuse=error))
+    try:
+        for stream in (False, True):
+            got, text = post(url, {**BODY, "stream": stream})
+            assert got == status, text
+            err = json.loads(text)["error"]
+            assert err["code"] == code and str(error) in err["message"]
+    finally:
+        stop()
+
+
+def test_worker_death_before_output_is_retried_elsewhere(tokenizer):
+    dead, alive = FakeWorker(die_after=0), FakeWorker()
+    router = FakeRouter([dead, alive])
+    url, stop = serve_app(tokenizer, router)
+    try:
+        status, text = post(url, BODY)
+        assert status == 200, text
+        assert json.loads(text)["usage"]["completion_tokens"] == 3
+        assert len(router.failed) == 1 and len(router.released) == 2
+    finally:
+        stop()
+
+
+def test_worker_death_after_output_is_a_clear_error(tokenizer):
+    router = FakeRouter([FakeWorker(die_after=1), FakeWorker(die_after=1)])
+    url, stop = serve_app(tokenizer, router)
+    try:
+        status, text = post(url, BODY)
+        assert status == 503 and "died" in json.loads(text)["error"]["message"]
+        status, text = post(url, {**BODY, "stream": True})
+        assert status == 200  # the stream had started: the error travels as an event
+        events = [e for e in text.split("\n\n") if e]
+        assert events[-1] == "data: [DONE]"
+        assert "died" in json.loads(events[-2][6:])["error"]["message"]
+    finally:
+        stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_aborts_on_worker_and_releases_ticket(tokenizer, stream):
+    worker = FakeWorker(tokens=list(range(5, 105)), delay=0.02)  # ~2 s if left alone
+    router = FakeRouter([worker])
+    url, stop = serve_app(tokenizer, router)
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            post(url, {**BODY, "max_tokens": 100, "stream": stream}, timeout=0.3)
+        deadline = time.monotonic() + 5
+        while not (worker.aborted and router.released) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(worker.aborted) == 1 and worker.aborted[0] == router.released[0]
+    finally:
+        stop()

@@ -1,0 +1,49 @@
+"""The deployment entry points without starting anything: the Serve config file Serve
+itself would accept, the builder it names, and `raysvc serve` refusing bad flags early."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_serve_config_is_accepted_by_serve_and_builds_the_app():
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(
+        yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text()))
+    (app,) = config.applications
+    builder = import_attr(app.import_path)
+    built = call_user_app_builder_with_args_if_necessary(builder, app.args)
+    assert isinstance(built, Application)
+
+
+def test_serve_args_refuse_unknown_and_bad_values():
+    from pydantic import ValidationError
+
+    from raysvc.serve.app import ServeArgs, build_app
+
+    with pytest.raises(ValidationError, match="num_wrokers"):
+        ServeArgs(num_wrokers=2)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        build_app({"engine": {"max_num_seqs": 0}})
+    with pytest.raises(ValueError, match="unknown engine argument"):
+        build_app({"engine": {"max_seqs": 4}})
+
+
+def test_cli_serve_rejects_bad_flags_before_starting_ray():
+    out = subprocess.run([sys.executable, "-m", "raysvc.cli", "serve", "--max-num-seqs", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "max_num_seqs" in out.stderr
+    help_out = subprocess.run([sys.executable, "-m", "raysvc.cli", "serve", "--help"],
+                              capture_output=True, text=True, timeout=120)
+    assert help_out.returncode == 0 and "--num-workers" in help_out.stdout
