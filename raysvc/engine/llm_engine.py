@@ -316,12 +316,12 @@ def build_speculative_decoder(raw: dict | None, engine: LLMEngine, proposer=None
 
     config = SpeculativeConfig.model_validate(raw)
     if proposer is not None:
-        return SpeculativeDecoder(config, proposer, has_draft_cost=True)
+        return SpeculativeDecoder(config, proposer)
     if config.method == "ngram":
         from raysvc.engine.spec.ngram import NgramProposer
 
         proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
-        return SpeculativeDecoder(config, proposer, has_draft_cost=False)
+        return SpeculativeDecoder(config, proposer)
     from raysvc.engine.spec.draft_model import DraftModelProposer
 
     ec = engine.config
@@ -331,7 +331,7 @@ def build_speculative_decoder(raw: dict | None, engine: LLMEngine, proposer=None
         capacity_tokens=min(ec.max_num_seqs, 64) * (engine.max_model_len + 16),
         target_vocab=engine.model_config.vocab_size,
     )
-    return SpeculativeDecoder(config, proposer, has_draft_cost=True)
+    return SpeculativeDecoder(config, proposer)
 
 
 def resolve_model_path(model: str | None) -> Path:

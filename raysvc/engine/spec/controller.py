@@ -8,12 +8,15 @@ exponentially decayed least squares), so the choice tracks the machine, the batc
 and the model pair: at batch 1 a step costs about the same for 1 or 5 tokens and
 speculation wins; at a batch large enough to make the target compute-bound, the extra
 tokens cost full price and k drops to 0 (off). While off, a probe step with k = 1 every
-`PROBE_EVERY` steps keeps α and the draft cost fresh.
+`PROBE_EVERY` steps keeps α and the draft cost fresh; exploration (before the costs are
+known) and probes speculate on at most `PROBE_SEQS` sequences, so finding out that
+speculation does not pay costs little.
 """
 
 from __future__ import annotations
 
 PROBE_EVERY = 50
+PROBE_SEQS = 4  # exploring and probing speculate on this many sequences only: cheap
 
 
 class LinearCost:
@@ -55,6 +58,7 @@ class SpecController:
         self.rejected = 0.0
         self.steps_off = 0
         self.k = k_max
+        self.exploring = False  # this step's k is a measurement, not a choice
 
     @property
     def alpha(self) -> float:
@@ -68,10 +72,15 @@ class SpecController:
 
     def choose_k(self, num_seqs: int, other_tokens: int) -> int:
         """k for this step's `num_seqs` decoding sequences (0 = plain decoding)."""
+        self.exploring = False
         if num_seqs == 0 or (self.disable_by_batch_size is not None
                              and num_seqs >= self.disable_by_batch_size):
             return 0
-        if not self.adaptive or not (self.target.ready and self.draft.ready):
+        if not self.adaptive:
+            self.k = self.k_max
+            return self.k
+        if not (self.target.ready and self.draft.ready):
+            self.exploring = True
             self.k = self.k_max
             return self.k
         a = min(self.alpha, 0.999)
@@ -87,6 +96,7 @@ class SpecController:
             self.steps_off += 1
             if self.steps_off % PROBE_EVERY == 0:
                 best_k = 1
+                self.exploring = True
         else:
             self.steps_off = 0
         self.k = best_k

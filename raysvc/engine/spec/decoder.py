@@ -14,7 +14,7 @@ import torch
 from raysvc.engine.sampler import Sampler
 from raysvc.engine.sequence import Sequence, SequenceStatus
 from raysvc.engine.spec.config import SpeculativeConfig
-from raysvc.engine.spec.controller import SpecController
+from raysvc.engine.spec.controller import PROBE_SEQS, SpecController
 from raysvc.engine.spec.rejection import verify_greedy, verify_sampled
 
 
@@ -26,15 +26,11 @@ def eligible(seq: Sequence) -> bool:
 
 
 class SpeculativeDecoder:
-    def __init__(self, config: SpeculativeConfig, proposer, has_draft_cost: bool) -> None:
+    def __init__(self, config: SpeculativeConfig, proposer) -> None:
         self.config = config
         self.proposer = proposer
         self.controller = SpecController(config.num_speculative_tokens, config.adaptive,
                                          config.disable_by_batch_size)
-        self.has_draft_cost = has_draft_cost
-        if not has_draft_cost:  # n-gram lookup costs next to nothing next to a forward pass
-            for _ in range(3):
-                self.controller.draft.observe(1, 0.0)
         self.draft_tokens = 0
         self.accepted_tokens = 0
         self.verifications = 0
@@ -48,6 +44,8 @@ class SpeculativeDecoder:
         k = self.controller.choose_k(len(seqs), other)
         if k == 0:
             return
+        if self.controller.exploring:
+            seqs = seqs[:PROBE_SEQS]
         ks = []
         for s in seqs:
             room = min(max_model_len - s.num_tokens,
@@ -59,8 +57,8 @@ class SpeculativeDecoder:
             return
         start = time.perf_counter()
         proposals = self.proposer.propose(seqs, ks)
-        if self.has_draft_cost:
-            self.controller.draft.observe(len(seqs), (time.perf_counter() - start) / max(ks))
+        # proposing costs time whatever the proposer (a model's rounds, or an n-gram search)
+        self.controller.draft.observe(len(seqs), (time.perf_counter() - start) / max(ks))
         for seq, proposal in zip(seqs, proposals, strict=True):
             if proposal is not None and proposal.tokens:
                 seq.spec_token_ids = proposal.tokens
