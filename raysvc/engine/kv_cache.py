@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -55,7 +56,10 @@ def plan_num_blocks(
     elif kv_cache_memory_bytes is not None:
         num_blocks = kv_cache_memory_bytes // per_block
     elif device.type == "cuda":
+        gc.collect()  # a previous engine in this process may still await collection
         free, total = torch.cuda.mem_get_info(device)
+        # memory torch's caching allocator holds but no tensor uses is ours to reuse
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = free - (1 - gpu_memory_utilization) * total - reserve_bytes
         num_blocks = int(budget // per_block)
     else:
