@@ -213,6 +213,7 @@ class LLMEngine:
             for seq, token, lps in zip(seqs, result.token_ids, result.logprobs, strict=True):
                 self._append_token(seq, token, lps)
                 touched[seq.request.request_id] = seq.request
+        verify_start = time.perf_counter()
         for seq, row in speculating:
             k = len(seq.spec_token_ids)
             tokens = self.spec.verify(seq, logits[row: row + k + 1], self.sampler)
@@ -227,7 +228,9 @@ class LLMEngine:
                 self.block_manager.cache_full_blocks(seq)
             touched[seq.request.request_id] = seq.request
         if self.spec is not None:
-            self.spec.observe_step(batch.num_tokens, time.perf_counter() - draft_done)
+            end = time.perf_counter()
+            self.spec.observe_step(batch.num_tokens, verify_start - draft_done,
+                                   len(speculating), end - verify_start)
 
         outputs = []
         for request in touched.values():

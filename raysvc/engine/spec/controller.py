@@ -2,7 +2,8 @@
 
 Speculation pays only while accepted tokens outrun what they cost. With per-position
 acceptance rate α, k proposals yield E(k) = (1 - α^(k+1)) / (1 - α) tokens per sequence
-per step. They cost a target step over B·(1+k) tokens instead of B, plus k draft rounds.
+per step. They cost a target step over B·(1+k) tokens instead of B, plus k draft rounds, plus
+the verification itself (per sequence, on the host).
 Both costs are measured online as lines (time = fixed + per-token · tokens, fitted by
 exponentially decayed least squares), so the choice tracks the machine, the batch size
 and the model pair: at batch 1 a step costs about the same for 1 or 5 tokens and
@@ -54,6 +55,7 @@ class SpecController:
         self.disable_by_batch_size = disable_by_batch_size
         self.target = LinearCost()  # one engine step vs tokens in it
         self.draft = LinearCost()  # one draft round vs sequences in it
+        self.verify = LinearCost()  # verifying and appending vs speculating sequences
         self.accepted = 0.0  # decayed counts behind the acceptance-rate estimate
         self.rejected = 0.0
         self.steps_off = 0
@@ -79,7 +81,7 @@ class SpecController:
         if not self.adaptive:
             self.k = self.k_max
             return self.k
-        if not (self.target.ready and self.draft.ready):
+        if not (self.target.ready and self.draft.ready and self.verify.ready):
             self.exploring = True
             self.k = self.k_max
             return self.k
@@ -89,7 +91,7 @@ class SpecController:
         for k in range(1, self.k_max + 1):
             tokens = num_seqs * (1 - a ** (k + 1)) / (1 - a)
             time = self.target.predict(other_tokens + num_seqs * (1 + k)) + \
-                k * self.draft.predict(num_seqs)
+                k * self.draft.predict(num_seqs) + self.verify.predict(num_seqs)
             if tokens / time > best_rate:
                 best_k, best_rate = k, tokens / time
         if best_k == 0:

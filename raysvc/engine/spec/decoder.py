@@ -86,8 +86,12 @@ class SpeculativeDecoder:
         seq.spec_probs = None
         return tokens
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
+    def observe_step(self, num_tokens: int, seconds: float, num_verified: int,
+                     verify_seconds: float) -> None:
+        """A step's forward pass (+ plain sampling) and, apart, its verification work."""
         self.controller.target.observe(num_tokens, seconds)
+        if num_verified:
+            self.controller.verify.observe(num_verified, verify_seconds)
 
     def release(self, seq: Sequence) -> None:
         self.proposer.release(seq)
