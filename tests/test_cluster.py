@@ -26,6 +26,8 @@ def cluster():
 
     from raysvc.cluster import WorkerSpec, add_workers, start_router
 
+    if ray.is_initialized():
+        ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False,
         "_system_config": {"metrics_report_interval_ms": 1000}})

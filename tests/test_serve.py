@@ -413,6 +413,21 @@ def test_server_serves_on_after_bad_input(server, client):
     _wait_all_free(server)
 
 
+def test_bench_serve_runs_against_the_server(server, tmp_path):
+    out_json = tmp_path / "bench.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "raysvc.cli", "bench", "serve", "--url", server.url,
+         "--api-key", API_KEY, "--num-prompts", "8", "--concurrency", "4", "--input-len", "16",
+         "--output-len", "8", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "| path | req/s | output tok/s |" in out.stdout and "machine:" in out.stdout
+    report = json.loads(out_json.read_text())
+    (row,) = report["results"]
+    assert row["completed"] == 8 and row["total_output_tokens"] == 64
+    assert row["p50_ttft_ms"] > 0 and row["p99_itl_ms"] >= row["p50_itl_ms"]
+
+
 def test_sigterm_shuts_down_cleanly(server):
     assert server.stop() == 0, server.output()[-3000:]
     assert "raysvc serve: stopped" in server.output()

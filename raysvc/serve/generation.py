@@ -62,8 +62,12 @@ class Generation:
     async def stream(self) -> AsyncIterator[list[int]]:
         """Yield the choice indices that moved, after every worker chunk, until all end."""
         if len(self.prompts) == 1:
-            async for moved in self._run_prompt(0):
-                yield moved
+            inner = self._run_prompt(0)
+            try:
+                async for moved in inner:
+                    yield moved
+            finally:  # close it now (abort + release), not whenever it is collected
+                await inner.aclose()
             return
         queue: asyncio.Queue = asyncio.Queue()
 
