@@ -170,3 +170,17 @@ def test_workers_join_and_leave():
             await queued3
 
     run(main())
+
+
+def test_merge_chunks_concatenates_per_sample():
+    from raysvc.cluster.client import merge_chunks
+    from raysvc.cluster.protocol import SeqDelta, StreamChunk
+
+    a = StreamChunk(4, [SeqDelta(0, [1, 2], [{1: (-0.1, 1)}, {2: (-0.2, 1)}]),
+                        SeqDelta(1, [7])])
+    b = StreamChunk(4, [SeqDelta(0, [3], [{3: (-0.3, 1)}], "length")], finished=False)
+    m = merge_chunks(a, b)
+    assert [(d.index, d.token_ids, d.finish_reason) for d in m.deltas] == [
+        (0, [1, 2, 3], "length"), (1, [7], None)]
+    assert [list(x) for x in m.deltas[0].logprobs] == [[1], [2], [3]]
+    assert a.deltas[0].token_ids == [1, 2]  # inputs untouched
