@@ -1,0 +1,98 @@
+"""`LLMWorker` driven directly (no Ray): channels carry every request's tokens exactly once,
+in order, equal to the offline engine's; abort and a closed channel free all blocks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from raysvc import LLM, SamplingParams
+from raysvc.cluster.worker import LLMWorker
+
+PROMPTS = [[5, 6, 7], list(range(3, 40)), [9] * 17, [11, 12]]
+PARAMS = {"temperature": 0.0, "max_tokens": 10, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def path(make_checkpoint):
+    return make_checkpoint("llama")[0]
+
+
+def _worker(path, **kw) -> LLMWorker:
+    return LLMWorker("w", {"model": path, "num_kv_blocks": 64,
+                           "max_num_batched_tokens": 16}, **kw)
+
+
+async def _consume(worker, channel, want: set[str], stop_after: int | None = None):
+    """Collect per-request tokens from `channel` until every wanted request finished."""
+    tokens: dict[str, list[int]] = {}
+    reasons: dict[str, str | None] = {}
+    finished: set[str] = set()
+    batches = 0
+    gen = worker.open_channel(channel)
+    try:
+        async for batch in gen:
+            batches += 1
+            for rid, chunk in batch:
+                for d in chunk.deltas:
+                    tokens.setdefault(rid, []).extend(d.token_ids)
+                    reasons[rid] = d.finish_reason
+                if chunk.finished:
+                    finished.add(rid)
+            if finished >= want or (stop_after is not None and batches >= stop_after):
+                break
+    finally:
+        await gen.aclose()
+    return tokens, batches, reasons
+
+
+@pytest.mark.parametrize("interval", [0.0, 0.05])
+def test_channel_streams_equal_offline_engine(path, interval):
+    expected = [o.outputs[0].token_ids for o in LLM(path).generate(
+        PROMPTS, SamplingParams(**PARAMS))]
+
+    async def main():
+        worker = _worker(path, stream_interval_s=interval)
+        consumer = asyncio.create_task(_consume(worker, "c", {f"r{i}" for i in range(4)}))
+        await asyncio.sleep(0)
+        for i, prompt in enumerate(PROMPTS):
+            await worker.submit("c", f"r{i}", prompt, PARAMS)
+        tokens, batches, _ = await asyncio.wait_for(consumer, 60)
+        load = await worker.load()
+        return tokens, batches, load
+
+    tokens, batches, load = asyncio.run(main())
+    assert [tokens[f"r{i}"] for i in range(4)] == expected
+    assert batches < sum(len(e) for e in expected)  # one item per step, not per token
+    assert load.kv_blocks_free == load.kv_blocks_total and load.requests_in_flight == 0
+
+
+def test_abort_and_closed_channel_free_blocks(path):
+    long = {"temperature": 0.0, "max_tokens": 900, "ignore_eos": True}
+
+    async def main():
+        worker = _worker(path)
+        with pytest.raises(ValueError, match="max_tokens"):
+            await worker.submit("c", "bad", [5, 6], {"max_tokens": 0})
+        consumer = asyncio.create_task(_consume(worker, "c", {"a"}))
+        await asyncio.sleep(0)
+        await worker.submit("c", "a", [5, 6, 7], long)
+        await worker.submit("c", "b", [8, 9], long)
+        await asyncio.sleep(0.05)
+        await worker.abort("a")
+        tokens, _, reasons = await asyncio.wait_for(consumer, 60)  # a ends, aborted;
+        assert reasons["a"] == "abort" and len(tokens.get("a", [])) < 900
+        # ... and closing the channel (the consumer left) aborts b
+        for _ in range(100):
+            load = await worker.load()
+            if load.kv_blocks_free == load.kv_blocks_total and load.running == 0:
+                break
+            await asyncio.sleep(0.05)
+        await worker.engine.shutdown()
+        return load
+
+    load = asyncio.run(main())
+    assert load.kv_blocks_free == load.kv_blocks_total
+    assert load.running == 0 and load.requests_in_flight == 0
+    assert load.num_generated_tokens < 900  # b was stopped too, long before its end
