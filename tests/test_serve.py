@@ -201,9 +201,21 @@ def test_sse_framing_raw(server):
                 assert r.status == 200
                 assert r.headers["content-type"].startswith("text/event-stream")
                 raw = (await r.read()).decode()
-        return raw
+            chat_body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                         "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+                         "stream": True}
+            async with s.post(server.url + "/v1/chat/completions", json=chat_body) as r:
+                assert r.status == 200
+                chat = (await r.read()).decode()
+        return raw, chat
 
-    raw = asyncio.run(main())
+    raw, chat = asyncio.run(main())
+    chat_events = [json.loads(e[6:]) for e in chat.split("\n\n")[:-2]]
+    assert chat.endswith("data: [DONE]\n\n")
+    assert chat_events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("usage" not in e and "role" not in e["choices"][0]["delta"]
+               for e in chat_events[1:])
+    assert chat_events[-1]["choices"][0]["finish_reason"] == "length"
     assert raw.endswith("data: [DONE]\n\n")
     events = raw.split("\n\n")[:-1]
     assert all(e.startswith("data: ") and "\n" not in e for e in events), events

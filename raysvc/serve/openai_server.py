@@ -129,7 +129,7 @@ class OpenAIServer:
             if s.chat:
                 role = responses.chat_role_chunk(s.request_id, name, s.created,
                                                  len(s.gen.choices))
-                yield _event(role)
+                yield _event(role, s.include_usage)
             moved = s.first
             while moved is not None:
                 if s.chat:
@@ -140,12 +140,12 @@ class OpenAIServer:
                                                        moved, s.plan.prompt_texts, s.cursor,
                                                        echoed)
                 if chunk is not None:
-                    yield _event(chunk)
+                    yield _event(chunk, s.include_usage)
                 moved = await anext(s.iterator, None)
             if s.include_usage:
                 kind = responses.ChatCompletionChunk if s.chat else responses.CompletionResponse
                 yield _event(kind(id=s.request_id, model=name, created=s.created, choices=[],
-                                  usage=responses.usage(s.gen)))
+                                  usage=responses.usage(s.gen)), True)
         except Exception as e:  # after the status line: the error travels as an event
             err = cluster_error(e)
             yield f"data: {_json(err.body())}\n\n"
@@ -212,5 +212,6 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def _event(model: BaseModel) -> str:
-    return f"data: {model.model_dump_json()}\n\n"
+def _event(chunk: BaseModel, with_usage: bool) -> str:
+    """One SSE event; chunks carry `"usage": null` only when usage was asked for (OpenAI)."""
+    return f"data: {chunk.model_dump_json(exclude=None if with_usage else {'usage'})}\n\n"
