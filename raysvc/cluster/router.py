@@ -12,7 +12,8 @@ Room is judged on the router's own ledger (what it admitted and not yet released
 load reports, which are always a little stale; the engine absorbs decode growth with
 preemption. Placement is the least loaded worker with room (prefix-aware scoring and
 failover come with [router]). Workers join and leave at any time; a monitor polls their
-load reports for /cluster/stats and the metrics, and drops a worker that died.
+load reports for /cluster/stats and the metrics, and drops a worker that died or whose
+engine failed (a slow report is only stale).
 """
 
 from __future__ import annotations
@@ -205,13 +206,14 @@ class Router:
             *(asyncio.wait_for(w.handle.load.remote(), self.report_timeout_s) for w in workers),
             return_exceptions=True)
         for worker, result in zip(workers, results, strict=True):
-            if isinstance(result, WorkerLoad):
+            if isinstance(result, WorkerLoad) and result.healthy:
                 worker.load, worker.missed_reports = result, 0
                 self._metrics.worker(worker.info.worker_id, result)
-                continue
-            worker.missed_reports += 1
-            dead = not isinstance(result, asyncio.TimeoutError) or worker.missed_reports >= 3
-            if dead:
+            elif isinstance(result, TimeoutError):
+                # Busy, not dead (a first GPU step may compile kernels for minutes): its
+                # report is stale, its ledger still holds.
+                worker.missed_reports += 1
+            else:  # the actor died, or its engine failed
                 logger.warning("router: worker %s failed its load report: %r",
                                worker.info.worker_id, result)
                 self.remove_worker(worker.info.worker_id)
