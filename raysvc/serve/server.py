@@ -9,6 +9,7 @@ freeing the workers), then Serve and the local Ray shut down.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -34,6 +35,9 @@ def start(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000,
             # Our own Ray: the serving processes are the main work here, so they run at
             # normal priority (Ray lowers workers to nice 15 by default).
             os.environ.setdefault("RAY_worker_niceness", "0")
+            if num_cpus is None:  # enough logical CPUs that every CPU worker gets placed
+                num_cpus = max(os.cpu_count() or 1,
+                               math.ceil(args.num_workers * args.worker_num_cpus))
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                      logging_level="warning")
     quiet = {"log_level": "WARNING", "enable_access_log": False}
