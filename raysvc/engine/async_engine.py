@@ -100,7 +100,15 @@ class AsyncEngine:
             queue.put_nowait(out)
 
     async def stats(self) -> dict[str, int]:
-        return await self._call(self.engine.stats)
+        """Counters read now, without waiting behind a running step (a load report must
+        not stall on a long step). The engine thread may be mid-step: each value is a
+        plain read, so a snapshot can straddle a step boundary, never a torn value."""
+        return self.engine.stats()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The exception that stopped the step loop, or None while the engine is healthy."""
+        return self._dead
 
     async def _run(self) -> None:
         while True:
