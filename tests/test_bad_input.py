@@ -119,3 +119,24 @@ def test_bad_checkpoints(tmp_path, make_checkpoint):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="mlp.gate_proj.weight.*shape"):
         LLM(str(bad))
+
+
+def test_finish_one_sample_from_outside(llm):
+    """An ingress that finds a stop string ends that sample only; its blocks are freed."""
+    engine = llm.engine
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=30, ignore_eos=True)
+    engine.add_request("multi", list(range(3, 30)), params)
+    for _ in range(3):
+        engine.step()
+    out = engine.finish_sample("multi", 1, "stop", "</end>")
+    assert out is not None and not out.finished
+    assert out.outputs[1].finish_reason == "stop" and out.outputs[1].stop_reason == "</end>"
+    assert engine.finish_sample("multi", 1) is None  # already finished
+    assert engine.finish_sample("missing", 0) is None
+    final = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            final = o
+    assert final.finished
+    assert len(final.outputs[1].token_ids) < 30 == len(final.outputs[0].token_ids)
+    assert_no_leaks(engine)

@@ -99,6 +99,16 @@ class AsyncEngine:
             out.finished = True
             queue.put_nowait(out)
 
+    async def finish_sample(self, request_id: str, index: int, reason: str = "stop",
+                            stop_reason: int | str | None = None) -> None:
+        """End one sample of an n > 1 request; its stream gets the update (and closes when
+        that was the last running sample)."""
+        out = await self._call(self.engine.finish_sample, request_id, index, reason,
+                               stop_reason)
+        queue = self._streams.get(request_id)
+        if out is not None and queue is not None:
+            queue.put_nowait(out)
+
     async def stats(self) -> dict[str, int]:
         """Counters read now, without waiting behind a running step (a load report must
         not stall on a long step). The engine thread may be mid-step: each value is a

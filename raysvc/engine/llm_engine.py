@@ -142,6 +142,21 @@ class LLMEngine:
                 self.spec.release(seq)
         return self._output(request)
 
+    def finish_sample(self, request_id: str, index: int, reason: str = "stop",
+                      stop_reason: int | str | None = None) -> RequestOutput | None:
+        """End one sample of a request now (an ingress saw its stop string), freeing its
+        blocks; the request's other samples go on. None if there is no such sample."""
+        request = self.requests.get(request_id)
+        seq = next((s for s in request.seqs if s.index == index), None) if request else None
+        if seq is None or seq.is_finished:
+            return None
+        self.scheduler.stop(seq, reason, stop_reason)
+        if self.spec is not None:
+            self.spec.release(seq)
+        if request.finished:
+            del self.requests[request_id]
+        return self._output(request)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

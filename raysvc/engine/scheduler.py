@@ -139,11 +139,15 @@ class Scheduler:
 
     def abort(self, request: Request) -> None:
         for seq in request.seqs:
-            if seq.status is SequenceStatus.RUNNING:
-                self.running.remove(seq)
-            elif seq.status is SequenceStatus.WAITING:
-                self.waiting.remove(seq)
-            self.block_manager.free(seq)
-            if not seq.is_finished:
-                seq.finish("abort")
+            self.stop(seq, "abort")
         request.fork_pending = False
+
+    def stop(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """End one sequence from outside (abort, or a stop string found by an ingress)."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        if not seq.is_finished:
+            seq.finish(reason, stop_reason)
