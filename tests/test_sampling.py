@@ -162,3 +162,24 @@ def test_n_samples_share_prompt_blocks(ckpt):
                                                    ignore_eos=True))[0]
     assert len({tuple(o.token_ids) for o in greedy.outputs}) == 1
     assert_no_leaks(llm.engine)
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_num_batched_tokens": 7}])
+def test_prompt_logprobs_match_hf(ckpt, kw):
+    """Each prompt token's logprob given the ones before it, also across prefill chunks
+    and with the prompt already in the prefix cache."""
+    path, hf = ckpt
+    llm = LLM(path, block_size=8, **kw)
+    prompt = [3, 9, 4, 17, 5, 6, 11, 12, 40, 41, 42, 43, 44, 45, 46, 47, 48, 2, 7]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))  # warm the cache
+    out = llm.generate([prompt], params)[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], -1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for i in range(1, len(prompt)):
+        entry = out.prompt_logprobs[i]
+        assert abs(entry[prompt[i]].logprob - ref[i - 1, prompt[i]].item()) < 1e-4
+        assert entry[prompt[i]].rank == int((ref[i - 1] > ref[i - 1, prompt[i]]).sum()) + 1
+        assert set(ref[i - 1].topk(2).indices.tolist()) <= set(entry)
+    assert_no_leaks(llm.engine)

@@ -65,8 +65,8 @@ class BlockManager:
 
         Never the whole sequence: the last token is always computed, its logits are needed.
         """
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.request.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed
         hashes = self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
         hits = []
         for h in hashes:

@@ -21,7 +21,7 @@ from raysvc.engine.detokenizer import detokenize_step, find_stop_string, visible
 from raysvc.engine.kv_cache import KVCache, plan_num_blocks
 from raysvc.engine.model_runner import ModelRunner
 from raysvc.engine.outputs import CompletionOutput, RequestOutput
-from raysvc.engine.sampler import Sampler
+from raysvc.engine.sampler import Sampler, top_logprobs
 from raysvc.engine.sampling_params import SamplingParams
 from raysvc.engine.scheduler import Scheduler
 from raysvc.engine.sequence import Request, Sequence
@@ -197,10 +197,17 @@ class LLMEngine:
         logits_indices: list[int] = []
         sampling: list[tuple[Sequence, int]] = []  # (sequence, its logits row)
         speculating: list[tuple[Sequence, int]] = []  # (sequence, its first logits row)
+        prompt_rows: list[tuple[Request, int, int]] = []  # (request, position, logits row)
         end = 0
         for item in batch.scheduled:
             seq = item.seq
             end += item.num_tokens
+            if seq.request.prompt_logprobs is not None:
+                start = seq.num_computed_tokens
+                first = max(start, len(seq.request.prompt_logprobs) - 1)
+                for pos in range(first, min(start + item.num_tokens, seq.num_prompt_tokens - 1)):
+                    prompt_rows.append((seq.request, pos, len(logits_indices)))
+                    logits_indices.append(end - item.num_tokens + pos - start)
             if seq.spec_token_ids:
                 speculating.append((seq, len(logits_indices)))
                 logits_indices += range(end - len(seq.spec_token_ids) - 1, end)
@@ -213,6 +220,8 @@ class LLMEngine:
                 item.seq.num_computed_tokens += item.num_tokens
                 self.block_manager.cache_full_blocks(item.seq)
         self.num_computed_tokens += batch.num_tokens
+        if prompt_rows:
+            self._record_prompt_logprobs(logits, prompt_rows)
 
         seqs, rows = [], []
         for seq, row in sampling:
@@ -253,6 +262,21 @@ class LLMEngine:
             if request.finished:
                 del self.requests[request.request_id]
         return outputs
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor,
+                                rows: list[tuple[Request, int, int]]) -> None:
+        """Position i's logits score prompt token i + 1 (a recomputation adds nothing)."""
+        logprobs = torch.log_softmax(logits[[r for _, _, r in rows]].float(), dim=-1).cpu()
+        for (request, pos, _), row in zip(rows, logprobs, strict=True):
+            if len(request.prompt_logprobs) != pos + 1:
+                continue
+            token = request.prompt_token_ids[pos + 1]
+            entry = top_logprobs(row[: self.model_config.vocab_size], token,
+                                  request.params.prompt_logprobs)
+            if self.tokenizer is not None:
+                for tid, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([tid])
+            request.prompt_logprobs.append(entry)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """Split a request into its n samples once its prompt is computed."""
@@ -304,7 +328,9 @@ class LLMEngine:
             for s in sorted(request.seqs, key=lambda s: s.index)
         ]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
-                             finished=request.finished)
+                             finished=request.finished,
+                             prompt_logprobs=None if request.prompt_logprobs is None
+                             else list(request.prompt_logprobs))
 
     def stats(self) -> dict[str, int]:
         bm = self.block_manager

@@ -34,3 +34,5 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    # per prompt token (None for the first): its logprob and the top alternatives
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

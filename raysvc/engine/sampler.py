@@ -60,7 +60,7 @@ class Sampler:
         if raw_logprobs is not None:
             for row, p in enumerate(params):
                 if p.logprobs is not None:
-                    logprobs[row] = _top_logprobs(raw_logprobs[row], token_list[row], p.logprobs)
+                    logprobs[row] = top_logprobs(raw_logprobs[row], token_list[row], p.logprobs)
         return SampleResult(token_list, logprobs)
 
     def probabilities(
@@ -130,7 +130,7 @@ def _top_k_top_p(
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def _top_logprobs(row: torch.Tensor, token: int, n: int) -> dict[int, Logprob]:
+def top_logprobs(row: torch.Tensor, token: int, n: int) -> dict[int, Logprob]:
     chosen = float(row[token])
     result = {token: Logprob(chosen, int((row > row[token]).sum()) + 1)}
     if n:

@@ -30,6 +30,8 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # Logprobs of each prompt token given the ones before it (top-N alternatives besides).
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     skip_special_tokens: bool = True
     # Tenant isolation for the prefix cache: requests with different salts share no block.
     cache_salt: str | None = None

@@ -41,6 +41,8 @@ class Request:
         if not params.ignore_eos:
             self.stop_token_ids |= set(eos_token_ids)
         self.seqs = [Sequence(self, 0)]
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
         self.fork_pending = params.n > 1  # becomes n sequences once the prompt is computed
 
     @property
