@@ -3,7 +3,7 @@
 Node 0 (head) holds the router; nodes 1 and 2 each advertise one `raysvc_worker`
 resource, so each gets one worker. The driver plays the ingress through `ClusterClient`.
 Checks: both workers serve, greedy tokens equal the offline engine's, and when one worker
-is killed its queued requests go to the other while its in-flight ones fail clearly.
+is killed its queued requests go to the other and its in-flight ones continue there.
 """
 
 from __future__ import annotations
@@ -106,10 +106,8 @@ def test_metrics_are_exported(cluster):
     assert "raysvc_kv_cache_usage_perc" in text and "raysvc_num_requests_running" in text
 
 
-def test_killed_worker_queued_requests_go_to_the_other(cluster):
+def test_killed_worker_requests_all_finish_on_the_other(cluster):
     ray, router, workers, _ = cluster
-    from raysvc.cluster import WorkerDied
-
     # 2 seats per worker: 4 requests run, 4 wait in the router's queue.
     prompts = [[10 + i, 11, 12, 13] for i in range(8)]
     started: set[int] = set()
@@ -127,12 +125,8 @@ def test_killed_worker_queued_requests_go_to_the_other(cluster):
 
     results = _generate(router, prompts, max_tokens=300, on_first=on_first)
     assert killed_at, "the kill never happened"
-    failed = {i for i, r in enumerate(results) if isinstance(r, Exception)}
-    assert all(isinstance(results[i], WorkerDied) for i in failed), results
-    assert "died" in str(results[min(failed)]) if failed else True
-    assert len(failed) <= 2 and failed <= killed_at[0]  # only the victim's in-flight ones
-    queued = set(range(8)) - killed_at[0]
-    assert all(len(results[i]) == 300 for i in queued)  # all went to the survivor
+    # in-flight ones fail over (prompt + tokens so far), queued ones go to the survivor
+    assert all(isinstance(r, list) and len(r) == 300 for r in results), results
     stats = ray.get(router.stats.remote(), timeout=60)
     assert [w["worker_id"] for w in stats["workers"]] == ["worker-1"]
     (w,) = stats["workers"]

@@ -85,7 +85,7 @@ class FakeRouter:
         self.workers = _M(self._workers)
         self.stats = _M(self._stats)
 
-    async def _acquire(self, ticket_id, num_tokens, n):
+    async def _acquire(self, ticket_id, num_tokens, n, *_):  # + prompt, salt, retry
         if self.refuse is not None:
             raise self.refuse
         worker = self.workers_list[0] if len(self.workers_list) == 1 else \

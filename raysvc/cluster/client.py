@@ -7,8 +7,15 @@ leaves early, so neither the router's ledger nor the worker's KV blocks leak whe
 HTTP client disconnects. Cleanup calls are fire-and-forget submissions (`.remote()` is
 synchronous), so they run even from a cancelled task.
 
-A worker that dies before the request produced any output is reported to the router and
-the request is placed again (nothing was lost); after output it fails with `WorkerDied`.
+Seamless failover: when the worker dies (or its engine fails) mid-request, the client
+reports it to the router and places the request again, at the head of the queue, with
+prompt + the tokens generated so far as its new prompt and `max_tokens` / `min_tokens`
+reduced by as many. The caller's stream just continues: no token is lost or repeated, and
+greedy output equals an undisturbed run (the KV of the continued prompt is recomputed,
+often from the new worker's prefix cache). Limits: a request with n > 1 samples fails
+with `WorkerDied` once it produced output (its samples diverged); a seeded sampled
+stream restarts its generator, so it continues validly but not bit-identically; penalties
+that count only output tokens (presence, frequency) see the earlier output as prompt.
 """
 
 from __future__ import annotations
@@ -87,6 +94,18 @@ def merge_chunks(a: StreamChunk, b: StreamChunk) -> StreamChunk:
                        b.finished, b.error)
 
 
+class _EngineFailed(RuntimeError):
+    """The worker's engine failed mid-request (the actor itself may live on)."""
+
+
+def _continued(params: dict[str, Any], num_generated: int) -> dict[str, Any]:
+    """`params` for the rest of a request that has already produced `num_generated` tokens."""
+    if not num_generated:
+        return params
+    return {**params, "max_tokens": int(params.get("max_tokens", 16)) - num_generated,
+            "min_tokens": max(int(params.get("min_tokens", 0)) - num_generated, 0)}
+
+
 class ClusterClient:
     def __init__(self, router: Any, max_attempts: int = 3) -> None:
         self.router = router  # ray ActorHandle of a Router
@@ -104,33 +123,41 @@ class ClusterClient:
         """Stream one request's chunks; raises Overloaded / NoWorkers / WorkerDied / ValueError."""
         from ray.exceptions import RayActorError
 
+        generated: list[int] = []  # n == 1: tokens streamed so far (they join the prompt)
+        produced = False
         for attempt in range(self.max_attempts):
             ticket_id = f"{request_id}/{attempt}"
+            prompt = list(prompt_token_ids) + generated
             ticket: Ticket | None = None
             channel: _Channel | None = None
-            produced = finished = False
+            finished = False
             try:
-                ticket = await self.router.acquire.remote(ticket_id, len(prompt_token_ids), n)
+                ticket = await self.router.acquire.remote(
+                    ticket_id, len(prompt), n, prompt, params.get("cache_salt"), attempt > 0)
                 if ticket is None:
                     return
                 channel = self._channel(ticket)
                 queue = channel.queues[ticket_id] = asyncio.Queue()
-                await ticket.worker.submit.remote(channel.id, ticket_id, prompt_token_ids, params)
+                await ticket.worker.submit.remote(channel.id, ticket_id, prompt,
+                                                  _continued(params, len(generated)))
                 while not finished:
                     item = _take(queue, await queue.get())
                     if isinstance(item, BaseException):
                         raise item
                     if item.error:
-                        raise WorkerDied(f"worker {ticket.worker_id} failed: {item.error}")
+                        raise _EngineFailed(f"worker {ticket.worker_id} failed: {item.error}")
                     produced, finished = True, item.finished
+                    if n == 1:
+                        generated += [t for d in item.deltas for t in d.token_ids]
+                    item.num_prompt_tokens = len(prompt_token_ids)
                     yield item
                 return
-            except RayActorError as e:
+            except (RayActorError, _EngineFailed) as e:
                 if ticket is None:
                     raise
                 logger.warning("worker %s failed during %s: %r", ticket.worker_id, ticket_id, e)
                 self.router.worker_failed.remote(ticket.worker_id)
-                if produced:
+                if produced and n > 1:
                     raise WorkerDied(f"worker {ticket.worker_id} died while serving the request "
                                      f"({type(e).__name__}); retry it") from e
             finally:
@@ -139,5 +166,5 @@ class ClusterClient:
                 if ticket is not None and not finished:
                     ticket.worker.abort.remote(ticket_id)
                 self.router.release.remote(ticket_id)
-        raise WorkerDied(f"request {request_id}: {self.max_attempts} workers died before it "
-                         f"started; giving up")
+        raise WorkerDied(f"request {request_id}: {self.max_attempts} workers died while serving "
+                         f"it; giving up")

@@ -27,6 +27,7 @@ class WorkerSpec:
     resources: dict[str, float] = field(default_factory=dict)
     torch_threads: int | None = None  # None: int(num_cpus) on CPU (>= 1)
     stream_interval_s: float = 0.0
+    max_restarts: int = 0  # > 0: Ray restarts a dead worker, which re-joins its router
 
     def actor_options(self) -> dict[str, Any]:
         device = str(self.engine_kwargs.get("device", "auto"))
@@ -37,7 +38,7 @@ class WorkerSpec:
         max_seqs = int(self.engine_kwargs.get("max_num_seqs", 256))
         return dict(num_cpus=0 if num_gpus else self.num_cpus, num_gpus=num_gpus,
                     resources=dict(self.resources), max_concurrency=2 * max_seqs
-                    + _WORKER_CONCURRENCY_SLACK, max_restarts=0)
+                    + _WORKER_CONCURRENCY_SLACK, max_restarts=self.max_restarts)
 
     def threads(self) -> int | None:
         if self.torch_threads is not None:
@@ -59,11 +60,11 @@ def start_router(max_queue_len: int = 1024, **kwargs: Any) -> Any:
     ).remote(max_queue_len=max_queue_len, **kwargs)
 
 
-def start_worker(worker_id: str, spec: WorkerSpec) -> Any:
+def start_worker(worker_id: str, spec: WorkerSpec, router: Any = None) -> Any:
     import ray
 
     return ray.remote(LLMWorker).options(**spec.actor_options()).remote(
-        worker_id, spec.engine_kwargs, spec.threads(), spec.stream_interval_s)
+        worker_id, spec.engine_kwargs, spec.threads(), spec.stream_interval_s, router)
 
 
 def add_workers(router: Any, spec: WorkerSpec, num_workers: int, prefix: str = "worker",
@@ -75,7 +76,8 @@ def add_workers(router: Any, spec: WorkerSpec, num_workers: int, prefix: str = "
     """
     import ray
 
-    workers = {f"{prefix}-{i}": start_worker(f"{prefix}-{i}", spec) for i in range(num_workers)}
+    workers = {f"{prefix}-{i}": start_worker(f"{prefix}-{i}", spec, router)
+               for i in range(num_workers)}
     try:
         ray.get([router.add_worker.remote(wid, h) for wid, h in workers.items()],
                 timeout=timeout_s)

@@ -93,3 +93,18 @@ class StreamChunk:
     deltas: list[SeqDelta] = field(default_factory=list)
     finished: bool = False
     error: str | None = None  # the worker's engine failed: the request cannot finish
+
+
+@dataclass(slots=True)
+class KVEventsReply:
+    """A worker's prefix-cache changes since the router's last acknowledged step.
+
+    `epoch` names the worker's incarnation (a restarted actor starts a new one). When the
+    router's epoch or step is unknown to the worker, `snapshot` holds every cached hash
+    instead and `batches` is empty; otherwise `batches` are (step, [(kind, hashes)]).
+    """
+
+    epoch: str
+    step: int
+    snapshot: set[bytes] | None = None
+    batches: list[tuple[int, list[tuple[str, list[bytes]]]]] = field(default_factory=list)

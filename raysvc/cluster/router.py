@@ -10,10 +10,12 @@ router keeps every one of them fed.
 
 Room is judged on the router's own ledger (what it admitted and not yet released), not on
 load reports, which are always a little stale; the engine absorbs decode growth with
-preemption. Placement is the least loaded worker with room (prefix-aware scoring and
-failover come with [router]). Workers join and leave at any time; a monitor polls their
-load reports for /cluster/stats and the metrics, and drops a worker that died or whose
-engine failed (a slow report is only stale).
+preemption. Placement among the workers with room is prefix-aware (`placement.py`): each
+worker's `PrefixIndex` is fed by that worker's exact KV events through one long-poll task
+per worker. Workers join (and a restarted one re-joins) at any time; `drain_worker` stops
+placing on one and removes it once its requests are done. A monitor polls load reports for
+/cluster/stats and the metrics, and drops a worker that died or whose engine failed (a
+slow report is only stale).
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from raysvc.block_hash import hash_blocks
 from raysvc.cluster.metrics import ClusterMetrics
+from raysvc.cluster.placement import PlacementConfig, Placer, WorkerEntry
+from raysvc.cluster.prefix_index import PrefixIndex
 from raysvc.cluster.protocol import NoWorkers, Overloaded, Ticket, WorkerInfo, WorkerLoad
 
 logger = logging.getLogger(__name__)
@@ -36,40 +41,26 @@ class _Waiting:
     num_prompt_tokens: int
     n: int
     future: asyncio.Future
-
-
-@dataclass(slots=True)
-class _Worker:
-    info: WorkerInfo
-    handle: Any
-    max_seqs: int
-    load: WorkerLoad = field(default_factory=WorkerLoad)
-    admitted: dict[str, tuple[int, int]] = field(default_factory=dict)  # ticket -> blocks, seqs
-    used_blocks: int = 0
-    used_seqs: int = 0
-    requests_routed: int = 0
-    missed_reports: int = 0
-
-    def need(self, num_prompt_tokens: int, n: int) -> tuple[int, int]:
-        """Blocks and seats a request holds here: its prompt's blocks plus one block per sample
-        to grow into; capped at the whole worker, so any request fits an idle worker."""
-        blocks = -(-num_prompt_tokens // self.info.block_size) + n
-        return min(blocks, self.info.kv_blocks_total), min(n, self.max_seqs)
-
-    def has_room(self, blocks: int, seqs: int) -> bool:
-        return (self.used_seqs + seqs <= self.max_seqs
-                and self.used_blocks + blocks <= self.info.kv_blocks_total)
+    hashes: list[bytes]
 
 
 class Router:
     def __init__(self, max_queue_len: int = 1024, max_seqs_per_worker: int | None = None,
-                 health_interval_s: float = 1.0, report_timeout_s: float = 10.0) -> None:
+                 health_interval_s: float = 1.0, report_timeout_s: float = 10.0,
+                 placement: PlacementConfig | dict[str, Any] | None = None,
+                 events_wait_s: float = 1.0) -> None:
         self.max_queue_len = max_queue_len
         self.max_seqs_per_worker = max_seqs_per_worker
         self.health_interval_s = health_interval_s
         self.report_timeout_s = report_timeout_s
         self._queue: deque[_Waiting] = deque()
-        self._workers: dict[str, _Worker] = {}
+        self._workers: dict[str, WorkerEntry] = {}
+        self._feeds: dict[str, asyncio.Task] = {}  # worker id -> its KV event long-poll
+        if not isinstance(placement, PlacementConfig):
+            placement = PlacementConfig(**(placement or {}))
+        self.placement = placement
+        self._placer = Placer(placement)
+        self.events_wait_s = events_wait_s
         self._owner: dict[str, str] = {}  # admitted ticket -> worker id
         self._released: OrderedDict[str, None] = OrderedDict()  # releases that beat acquire
         self._monitor: asyncio.Task | None = None
@@ -80,7 +71,11 @@ class Router:
     async def add_worker(self, worker_id: str, handle: Any) -> WorkerInfo:
         info: WorkerInfo = await handle.info.remote()
         max_seqs = min(info.max_num_seqs, self.max_seqs_per_worker or info.max_num_seqs)
-        self._workers[worker_id] = _Worker(info, handle, max_seqs)
+        if worker_id in self._workers:  # a restarted actor re-joins: its cache starts empty
+            self.remove_worker(worker_id)
+        index = PrefixIndex(self.placement.max_pending_blocks, self.placement.pending_ttl_s)
+        entry = self._workers[worker_id] = WorkerEntry(info, handle, max_seqs, index)
+        self._feeds[worker_id] = asyncio.create_task(self._feed(entry))
         if self._monitor is None or self._monitor.done():
             self._monitor = asyncio.create_task(self._watch())
         self._dispatch()
@@ -92,6 +87,9 @@ class Router:
         worker = self._workers.pop(worker_id, None)
         if worker is None:
             return False
+        feed = self._feeds.pop(worker_id, None)
+        if feed is not None:
+            feed.cancel()
         for ticket_id in worker.admitted:
             self._owner.pop(ticket_id, None)
         self._metrics.forget_worker(worker_id)
@@ -113,12 +111,19 @@ class Router:
             await asyncio.wait_for(worker.handle.health.remote(), self.report_timeout_s)
             return False
         except Exception:  # died, unreachable or unhealthy: stop routing to it
+            if self._workers.get(worker_id) is not worker:  # re-joined meanwhile
+                return False
             return self.remove_worker(worker_id)
 
     # -- admission ---------------------------------------------------------------------
 
-    async def acquire(self, ticket_id: str, num_prompt_tokens: int, n: int = 1) -> Ticket | None:
+    async def acquire(self, ticket_id: str, num_prompt_tokens: int, n: int = 1,
+                      prompt_token_ids: list[int] | None = None,
+                      cache_salt: str | None = None, retry: bool = False) -> Ticket | None:
         """Wait until a worker has room for the request; raise Overloaded if the queue is full.
+
+        With `prompt_token_ids` (and the request's `cache_salt`), placement is prefix-aware.
+        A `retry` (a request whose worker died) goes to the head of the queue.
 
         None if the ticket was released before this call arrived (its caller is gone).
         """
@@ -126,11 +131,19 @@ class Router:
             return None
         if not self._workers:
             raise NoWorkers("no worker is registered")
-        if len(self._queue) >= self.max_queue_len:
+        if len(self._queue) >= self.max_queue_len and not retry:
             raise Overloaded(f"server overloaded: {len(self._queue)} requests are waiting")
+        hashes: list[bytes] = []
+        if prompt_token_ids:
+            block_size = next(iter(self._workers.values())).block_size
+            # a hit never covers the last prompt token: its logits are needed
+            hashes = hash_blocks(prompt_token_ids[:-1], block_size, cache_salt)
         waiting = _Waiting(ticket_id, num_prompt_tokens, n,
-                           asyncio.get_running_loop().create_future())
-        self._queue.append(waiting)
+                           asyncio.get_running_loop().create_future(), hashes)
+        if retry:
+            self._queue.appendleft(waiting)
+        else:
+            self._queue.append(waiting)
         self._dispatch()
         try:
             return await waiting.future
@@ -144,7 +157,7 @@ class Router:
         if worker_id is not None:
             worker = self._workers.get(worker_id)
             if worker is not None:
-                blocks, seqs = worker.admitted.pop(ticket_id)
+                blocks, seqs = worker.admitted.pop(ticket_id, (0, 0))
                 worker.used_blocks -= blocks
                 worker.used_seqs -= seqs
             self._dispatch()
@@ -166,9 +179,12 @@ class Router:
             if head.future.done():
                 self._queue.popleft()
                 continue
-            worker = self._place(head)
+            workers = list(self._workers.values())
+            fits = [w for w in workers if w.has_room(*w.need(head.num_prompt_tokens, head.n))]
+            worker, _ = self._placer.choose(workers, fits, head.hashes)
             if worker is None:
                 break
+            worker.index.place(head.hashes)
             self._queue.popleft()
             blocks, seqs = worker.need(head.num_prompt_tokens, head.n)
             worker.admitted[head.ticket_id] = (blocks, seqs)
@@ -179,18 +195,43 @@ class Router:
             head.future.set_result(Ticket(head.ticket_id, worker.info.worker_id, worker.handle))
         self._metrics.queue(len(self._queue))
 
-    def _place(self, request: _Waiting) -> _Worker | None:
-        """Least loaded worker with room: fewest seats used, then fewest blocks, then fewest
-        requests routed so far (spreads an idle cluster's first requests)."""
-        best, best_key = None, None
-        for worker in self._workers.values():
-            if not worker.has_room(*worker.need(request.num_prompt_tokens, request.n)):
-                continue
-            key = (worker.used_seqs / worker.max_seqs,
-                   worker.used_blocks / worker.info.kv_blocks_total, worker.requests_routed)
-            if best_key is None or key < best_key:
-                best, best_key = worker, key
-        return best
+    async def drain_worker(self, worker_id: str, timeout_s: float = 600.0) -> bool:
+        """Stop placing requests on `worker_id`, wait until its admitted ones are released,
+        then remove it (scale-down, upgrade). False if unknown; TimeoutError if still busy."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return False
+        worker.draining = True
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while worker.admitted and self._workers.get(worker_id) is worker:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"worker {worker_id} still holds {len(worker.admitted)} "
+                                   f"requests after {timeout_s}s")
+            await asyncio.sleep(0.05)
+        if self._workers.get(worker_id) is worker:
+            self.remove_worker(worker_id)
+        return True
+
+    # -- prefix index ------------------------------------------------------------------
+
+    async def _feed(self, worker: WorkerEntry) -> None:
+        """Long-poll one worker's KV events into its index, for as long as it is a member."""
+        index = worker.index
+        while self._workers.get(worker.worker_id) is worker:
+            try:
+                reply = await asyncio.wait_for(worker.handle.kv_events.remote(
+                    index.epoch, index.step, self.events_wait_s),
+                    self.events_wait_s + self.report_timeout_s)
+                index.apply(reply)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # dead or busy: the monitor decides; retry shortly
+                logger.debug("router: KV events of %s failed: %r", worker.worker_id, e)
+                await asyncio.sleep(self.health_interval_s)
+
+    def index_hashes(self, worker_id: str) -> set[bytes]:
+        """The confirmed block hashes the router believes `worker_id` holds (for tests)."""
+        return set(self._workers[worker_id].index.cached)
 
     # -- load reports ------------------------------------------------------------------
 
@@ -213,7 +254,8 @@ class Router:
                 # Busy, not dead (a first GPU step may compile kernels for minutes): its
                 # report is stale, its ledger still holds.
                 worker.missed_reports += 1
-            else:  # the actor died, or its engine failed
+            elif self._workers.get(worker.worker_id) is worker:  # not re-joined meanwhile
+                # the actor died (or is restarting: it re-joins), or its engine failed
                 logger.warning("router: worker %s failed its load report: %r",
                                worker.info.worker_id, result)
                 self.remove_worker(worker.info.worker_id)
@@ -234,7 +276,11 @@ class Router:
                 "prefix_cache_queries": w.load.prefix_cache_queries,
                 "num_preemptions": w.load.num_preemptions,
                 "num_generated_tokens": w.load.num_generated_tokens,
+                "index_blocks": len(w.index.cached), "index_pending": len(w.index.pending),
+                "draining": w.draining,
             } for w in self._workers.values()],
+            "index_size": sum(w.index.size() for w in self._workers.values()),
+            "placement": self.placement.policy,
         }
 
     def workers(self) -> dict[str, WorkerInfo]:

@@ -10,6 +10,10 @@ channel's requests that moved. A Ray message per step per caller, rather than pe
 per request, is what keeps the HTTP path's overhead small next to the engine's work; and
 when a caller falls behind, steps merge into bigger items instead of queueing up.
 Closing a channel (its caller left or died) aborts its requests and frees their blocks.
+
+The engine's KV events go to a `KVEventLog` that the router long-polls (`kv_events`), so
+the router's prefix index mirrors this worker's cache exactly. A worker given its router
+re-joins it by itself when Ray restarts the actor (`max_restarts`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from raysvc.cluster.protocol import SeqDelta, StreamChunk, WorkerInfo, WorkerLoad
+from raysvc.cluster.prefix_index import KVEventLog
+from raysvc.cluster.protocol import KVEventsReply, SeqDelta, StreamChunk, WorkerInfo, WorkerLoad
 
 
 @dataclass
@@ -36,7 +41,8 @@ class _Channel:
 
 class LLMWorker:
     def __init__(self, worker_id: str, engine_kwargs: dict[str, Any] | None = None,
-                 torch_threads: int | None = None, stream_interval_s: float = 0.0) -> None:
+                 torch_threads: int | None = None, stream_interval_s: float = 0.0,
+                 router: Any = None) -> None:
         import torch
 
         if torch_threads:
@@ -55,6 +61,13 @@ class LLMWorker:
         self._channels: dict[str, _Channel] = {}
         self._tokens: dict[str, int] = {}  # request id -> prompt + generated tokens so far
         self._failure: BaseException | None = None
+        self._kv_log = KVEventLog()
+        self._kv_news: asyncio.Event | None = None
+        llm.subscribe_kv_events(self._kv_log.record)
+        if router is not None and _restarted():
+            import ray
+
+            router.add_worker.remote(worker_id, ray.get_runtime_context().current_actor)
 
     def info(self) -> WorkerInfo:
         return self._info
@@ -70,6 +83,25 @@ class LLMWorker:
         if self._failure is not None:
             raise RuntimeError(f"worker {self.worker_id}: engine failed: {self._failure!r}")
         return True
+
+    async def kv_events(self, epoch: str, acked_step: int, wait_s: float = 1.0) -> KVEventsReply:
+        """The KV events after `acked_step` (or a snapshot); waits up to `wait_s` for some."""
+        if self._kv_news is None:  # bind to this actor's event loop on first use
+            loop, news = asyncio.get_running_loop(), asyncio.Event()
+            self._kv_news = news
+            self._kv_log.on_change = lambda: loop.call_soon_threadsafe(news.set)
+        if not self._kv_log.has_news(epoch, acked_step):
+            self._kv_news.clear()
+            if not self._kv_log.has_news(epoch, acked_step):
+                try:
+                    await asyncio.wait_for(self._kv_news.wait(), wait_s)
+                except TimeoutError:
+                    pass
+        return self._kv_log.since(epoch, acked_step)
+
+    async def cached_block_hashes(self) -> set[bytes]:
+        """The engine's own set of cached block hashes, read on its step thread."""
+        return await self.engine._call(self.engine.engine.cached_block_hashes)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -173,6 +205,12 @@ def _delta(out, sent: dict[int, tuple[int, bool]]) -> StreamChunk:
                                      comp.finish_reason, comp.stop_reason))
         sent[comp.index] = (len(comp.token_ids), finished)
     return chunk
+
+
+def _restarted() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
 
 
 def _node_id() -> str:

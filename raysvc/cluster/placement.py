@@ -1,0 +1,137 @@
+"""Where the router sends a request: prefix-aware scoring against load, with a fallback.
+
+Policies (`PlacementConfig.policy`):
+
+- "prefix" (default): among the workers with room, pick the highest
+  `prefix_weight * matched_prefix_tokens - load_weight * load_tokens`, where matched tokens
+  come from the worker's `PrefixIndex` (exact KV events + pending placements) and load
+  tokens are the prompt tokens + one block per sample the router has admitted there and
+  not yet released (queued + running work, in tokens). A resident request costs its
+  worker decode time for its whole life while a hit saves one prefill, hence the lighter
+  load weight (0.25: a 288-token hit outweighs about four such requests of load).
+  If load is out of balance — the most loaded worker runs more than `balance_abs` requests
+  more than the least loaded AND more than `balance_rel` times as many — prefix affinity
+  yields and the least loaded worker takes the request (SGLang's cache-aware router does
+  the same with its absolute and relative thresholds).
+- "least_loaded": the old rule — fewest seats used, then fewest blocks.
+- "round_robin": the next worker with room in a fixed order.
+- "oracle": a benchmark reference: every request whose first prompt block is the same
+  goes to one worker (first come, workers dealt round-robin), whatever the load.
+
+Ties break on fewer seats used, fewer requests routed, then worker id: deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from raysvc.cluster.prefix_index import PrefixIndex
+from raysvc.cluster.protocol import WorkerInfo, WorkerLoad
+
+POLICIES = ("prefix", "least_loaded", "round_robin", "oracle")
+
+
+@dataclass(slots=True)
+class PlacementConfig:
+    policy: str = "prefix"
+    prefix_weight: float = 1.0  # per matched prompt token
+    load_weight: float = 0.25  # per token of admitted, unreleased work
+    balance_abs: int = 4  # requests: max - min beyond this ...
+    balance_rel: float = 1.5  # ... and max > rel * min  => load is out of balance
+    pending_ttl_s: float = 30.0  # a placement counts as cached until events confirm it
+    max_pending_blocks: int = 65536  # per worker
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"placement policy must be one of {POLICIES}, not {self.policy!r}")
+
+
+@dataclass(slots=True)
+class WorkerEntry:
+    """The router's ledger for one worker: what it admitted there, and its prefix index."""
+
+    info: WorkerInfo
+    handle: Any
+    max_seqs: int
+    index: PrefixIndex
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    admitted: dict[str, tuple[int, int]] = field(default_factory=dict)  # ticket -> blocks, seqs
+    used_blocks: int = 0
+    used_seqs: int = 0
+    requests_routed: int = 0
+    missed_reports: int = 0
+    draining: bool = False
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+    @property
+    def block_size(self) -> int:
+        return self.info.block_size
+
+    @property
+    def kv_blocks_total(self) -> int:
+        return self.info.kv_blocks_total
+
+    def need(self, num_prompt_tokens: int, n: int) -> tuple[int, int]:
+        """Blocks and seats a request holds here: its prompt's blocks plus one block per sample
+        to grow into; capped at the whole worker, so any request fits an idle worker."""
+        blocks = -(-num_prompt_tokens // self.info.block_size) + n
+        return min(blocks, self.info.kv_blocks_total), min(n, self.max_seqs)
+
+    def has_room(self, blocks: int, seqs: int) -> bool:
+        return (not self.draining and self.used_seqs + seqs <= self.max_seqs
+                and self.used_blocks + blocks <= self.info.kv_blocks_total)
+
+
+def _least_loaded_key(w: WorkerEntry) -> tuple:
+    return (w.used_seqs / w.max_seqs, w.used_blocks / w.kv_blocks_total, w.requests_routed,
+            w.worker_id)
+
+
+def out_of_balance(workers: list[WorkerEntry], config: PlacementConfig) -> bool:
+    loads = [w.used_seqs for w in workers]
+    hi, lo = max(loads), min(loads)
+    return hi - lo > config.balance_abs and hi > config.balance_rel * lo
+
+
+class Placer:
+    """Chooses a worker among those with room; keeps the little state policies need."""
+
+    def __init__(self, config: PlacementConfig) -> None:
+        self.config = config
+        self._rr = 0
+        self._oracle: dict[bytes, str] = {}  # first block hash -> worker id
+
+    def choose(self, all_workers: list[WorkerEntry], fits: list[WorkerEntry],
+               hashes: list[bytes]) -> tuple[WorkerEntry | None, int]:
+        """The chosen worker (None: none fits) and its matched prefix blocks."""
+        policy = self.config.policy
+        if policy == "oracle" and hashes:
+            ids = sorted(w.worker_id for w in all_workers)
+            owner = self._oracle.setdefault(hashes[0], ids[len(self._oracle) % len(ids)])
+            pick = next((w for w in fits if w.worker_id == owner), None)
+            return pick, (pick.index.match(hashes) if pick else 0)
+        if not fits:
+            return None, 0
+        if policy == "round_robin":
+            ordered = sorted(fits, key=lambda w: w.worker_id)
+            ids = sorted(w.worker_id for w in all_workers)
+            start = ids[self._rr % len(ids)] if ids else ""
+            pick = next((w for w in ordered if w.worker_id >= start), ordered[0])
+            self._rr = ids.index(pick.worker_id) + 1 if pick.worker_id in ids else self._rr + 1
+            return pick, pick.index.match(hashes)
+        if policy == "least_loaded" or not hashes or out_of_balance(all_workers, self.config):
+            pick = min(fits, key=_least_loaded_key)
+            return pick, pick.index.match(hashes)
+        best, best_key, best_match = None, None, 0
+        for w in fits:
+            matched = w.index.match(hashes)
+            score = (self.config.prefix_weight * matched * w.block_size
+                     - self.config.load_weight * w.used_blocks * w.block_size)
+            key = (-score, *_least_loaded_key(w))
+            if best_key is None or key < best_key:
+                best, best_key, best_match = w, key, matched
+        return best, best_match

@@ -1,0 +1,156 @@
+"""[router] on a real 3-node Ray cluster: prefix-aware placement, failover, drain.
+
+Node 0 (head) holds the router; nodes 1 and 2 each run one worker (`raysvc_worker`
+resource) with a small KV pool, so a random workload both stores and evicts prefixes.
+Checks: the router's per-worker index equals each worker's actual cached hashes after a
+random workload; 16 greedy streams survive a worker being killed mid-stream with exactly
+the tokens of an undisturbed run, and the restarted worker re-joins; a drained worker
+finishes its requests, takes no new ones and leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+
+import pytest
+
+ENGINE = {"num_kv_blocks": 48, "max_num_seqs": 8, "max_num_batched_tokens": 512}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.pop("RAY_ADDRESS", None)
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from raysvc.cluster import WorkerSpec, add_workers, start_router
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            c.add_node(num_cpus=1, resources={"raysvc_worker": 1})
+        ray.init(address=c.address, logging_level="warning")
+        c.wait_for_nodes(timeout=120)
+        router = start_router(health_interval_s=0.5, events_wait_s=0.5)
+        spec = WorkerSpec(engine_kwargs=ENGINE, num_cpus=0, resources={"raysvc_worker": 1},
+                          torch_threads=1, max_restarts=1)
+        workers = add_workers(router, spec, 2, timeout_s=300)
+        yield ray, router, workers
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def _generate(router, prompts, max_tokens, on_token=None, stagger_s=0.0):
+    """Run prompts concurrently; per prompt, its tokens or the exception it raised."""
+    from raysvc.cluster import ClusterClient
+
+    async def main():
+        client = ClusterClient(router)
+
+        async def one(i, prompt):
+            await asyncio.sleep(i * stagger_s)
+            tokens = []
+            try:
+                params = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True}
+                async for chunk in client.generate(f"r{i}-{time.monotonic_ns()}", prompt, params):
+                    for delta in chunk.deltas:
+                        tokens += delta.token_ids
+                    if on_token is not None:
+                        on_token(i, len(tokens))
+                return tokens
+            except Exception as e:  # noqa: BLE001 - the test inspects it
+                return e
+
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    return asyncio.run(asyncio.wait_for(main(), 240))
+
+
+def _wait_consistent(ray, router, workers, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        diffs = {}
+        for wid, handle in workers.items():
+            actual = ray.get(handle.cached_block_hashes.remote(), timeout=30)
+            mirrored = ray.get(router.index_hashes.remote(wid), timeout=30)
+            if actual != mirrored:
+                diffs[wid] = (len(actual), len(mirrored), len(actual ^ mirrored))
+        if not diffs or time.monotonic() > deadline:
+            return diffs
+        time.sleep(0.2)
+
+
+def test_index_matches_workers_after_random_workload(cluster):
+    ray, router, workers = cluster
+    from raysvc.block_hash import hash_blocks
+
+    rng = random.Random(8)
+    groups = [[rng.randrange(3, 500) for _ in range(64)] for _ in range(4)]
+    prompts = [rng.choice(groups) + [rng.randrange(3, 500) for _ in range(rng.randrange(16, 70))]
+               for _ in range(40)]
+    distinct = {h for p in prompts for h in hash_blocks(p, 16)}
+    assert len(distinct) > 2 * ENGINE["num_kv_blocks"]  # both pools must evict, too
+    results = _generate(router, prompts, max_tokens=6, stagger_s=0.02)
+    assert all(isinstance(r, list) and len(r) == 6 for r in results), results
+    assert _wait_consistent(ray, router, workers) == {}
+    stats = ray.get(router.stats.remote(), timeout=60)
+    assert stats["index_size"] > 0 and stats["placement"] == "prefix"
+    assert sum(w["prefix_cache_hits"] for w in stats["workers"]) > 0, stats
+    assert all(w["index_blocks"] <= w["kv_blocks_total"] for w in stats["workers"])
+
+
+def test_failover_keeps_16_greedy_streams_exact(cluster):
+    ray, router, workers = cluster
+    from raysvc import LLM, SamplingParams
+
+    prompts = [[7 + i, 20 + i, 9, 30, 31, 32 + i] for i in range(16)]
+    expected = [o.outputs[0].token_ids for o in LLM(num_kv_blocks=256).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))]
+    old_pid = ray.get(router.workers.remote(), timeout=30)["worker-0"].pid
+    progress: dict[int, int] = {}
+    killed: list[bool] = []
+
+    def on_token(i: int, n: int) -> None:
+        progress[i] = n
+        if len(progress) == 16 and min(progress.values()) >= 2 and not killed:
+            killed.append(True)
+            ray.kill(workers["worker-0"], no_restart=False)
+
+    results = _generate(router, prompts, max_tokens=40, on_token=on_token)
+    assert killed, "the kill never happened"
+    assert results == expected
+    deadline = time.monotonic() + 120  # the restarted actor re-joins the router by itself
+    while time.monotonic() < deadline:
+        infos = ray.get(router.workers.remote(), timeout=30)
+        if "worker-0" in infos and infos["worker-0"].pid != old_pid:
+            break
+        time.sleep(0.5)
+    assert infos["worker-0"].pid != old_pid, infos
+    assert _wait_consistent(ray, router, workers) == {}
+
+
+def test_drained_worker_finishes_its_requests_then_leaves(cluster):
+    ray, router, workers = cluster
+    prompts = [[40 + i, 41, 42, 43] for i in range(8)]
+    drained: list = []
+    late: list = []
+
+    def on_token(i: int, n: int) -> None:
+        if n >= 1 and not drained and len(late) == 0:
+            drained.append(router.drain_worker.remote("worker-1", 120))
+            late.append(True)
+
+    results = _generate(router, prompts, max_tokens=24, on_token=on_token)
+    assert all(isinstance(r, list) and len(r) == 24 for r in results), results
+    assert ray.get(drained[0], timeout=120) is True
+    stats = ray.get(router.stats.remote(), timeout=60)
+    assert [w["worker_id"] for w in stats["workers"]] == ["worker-0"]
+    ray.get(router.add_worker.remote("worker-1", workers["worker-1"]), timeout=60)
+    assert len(ray.get(router.workers.remote(), timeout=30)) == 2
