@@ -102,7 +102,7 @@ class PrefixIndex:
 
     def place(self, hashes: list[bytes], now: float | None = None) -> None:
         """The router sent a prompt with these blocks here: count them as cached for now."""
-        expiry = (now or time.monotonic()) + self.pending_ttl_s
+        expiry = (time.monotonic() if now is None else now) + self.pending_ttl_s
         for h in hashes:
             if h not in self.cached:
                 self.pending[h] = expiry
@@ -112,7 +112,7 @@ class PrefixIndex:
 
     def match(self, hashes: list[bytes], now: float | None = None) -> int:
         """How many leading blocks of `hashes` this worker holds or is about to."""
-        now = now or time.monotonic()
+        now = time.monotonic() if now is None else now
         for i, h in enumerate(hashes):
             if h in self.cached:
                 continue
