@@ -119,3 +119,18 @@ def test_unsupported_architecture_names_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
         LLM(str(tmp_path))
+
+
+def test_warm_up_leaves_no_trace(make_checkpoint):
+    """The start-up warm-up (run on CUDA to compile every Triton variant) borrows blocks,
+    returns them all, caches nothing, and changes no output."""
+    from raysvc.engine.model_runner import warm_up
+
+    path, hf = make_checkpoint("llama")
+    llm = LLM(path, block_size=8)
+    warm_up(llm.engine.runner, llm.engine.block_manager, 200)
+    assert_no_leaks(llm.engine)
+    assert llm.stats()["kv_blocks_cached"] == 0 and not llm.engine.block_manager.drain_events()
+    prompt = random_prompts(hf.config.vocab_size)[1]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy(hf, prompt, 8)

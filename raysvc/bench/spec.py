@@ -26,7 +26,8 @@ def run(batch: int, max_tokens: int, spec: dict | None, dtype: str):
     llm = LLM(dtype=dtype, speculative_config=spec, max_num_seqs=max(batch, 1))
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    # warm-up at the measured batch: compiles (GPU) and the controller's first estimates
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start

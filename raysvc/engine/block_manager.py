@@ -166,6 +166,14 @@ class BlockManager:
             seq.block_table.append(self._take())
         return copies
 
+    def blocks_needed_for(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.block_size)
+
+    def allocate_fresh(self, seq: Sequence, num_tokens: int) -> None:
+        """Blocks for a sequence's first `num_tokens` tokens, whatever it has computed."""
+        while len(seq.block_table) < cdiv(num_tokens, self.block_size):
+            seq.block_table.append(self._take())
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         child.block_table = list(parent.block_table)
         child.num_cached_blocks = parent.num_cached_blocks

@@ -19,7 +19,7 @@ from raysvc.engine.block_manager import BlockManager, KVEventBatch
 from raysvc.engine.config import EngineConfig
 from raysvc.engine.detokenizer import detokenize_step, find_stop_string, visible_text
 from raysvc.engine.kv_cache import KVCache, plan_num_blocks
-from raysvc.engine.model_runner import ModelRunner
+from raysvc.engine.model_runner import ModelRunner, warm_up
 from raysvc.engine.outputs import CompletionOutput, RequestOutput
 from raysvc.engine.sampler import Sampler, top_logprobs
 from raysvc.engine.sampling_params import SamplingParams
@@ -76,6 +76,9 @@ class LLMEngine:
                                    config.max_num_batched_tokens)
         self.runner = ModelRunner(model, kv_cache, make_backend(config.attention_backend,
                                                                 self.device))
+        if self.runner.backend.name == "triton" and self.device.type == "cuda":
+            warm_up(self.runner, self.block_manager,
+                    min(config.max_num_batched_tokens, self.max_model_len))
         self.sampler = Sampler(mc.vocab_size, self.device, config.seed)
         self.spec = build_speculative_decoder(config.speculative_config, self, proposer)
         self.requests: dict[str, Request] = {}
@@ -187,7 +190,7 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         if self.spec is not None:
             self.spec.propose(self.scheduler.running, self.max_model_len)
-        draft_done = time.perf_counter()
+        draft_done = self._now()
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
@@ -237,7 +240,7 @@ class LLMEngine:
             for seq, token, lps in zip(seqs, result.token_ids, result.logprobs, strict=True):
                 self._append_token(seq, token, lps)
                 touched[seq.request.request_id] = seq.request
-        verify_start = time.perf_counter()
+        verify_start = self._now()
         for seq, row in speculating:
             k = len(seq.spec_token_ids)
             tokens = self.spec.verify(seq, logits[row: row + k + 1], self.sampler)
@@ -252,7 +255,7 @@ class LLMEngine:
                 self.block_manager.cache_full_blocks(seq)
             touched[seq.request.request_id] = seq.request
         if self.spec is not None:
-            end = time.perf_counter()
+            end = self._now()
             self.spec.observe_step(batch.num_tokens, verify_start - draft_done,
                                    len(speculating), end - verify_start)
 
@@ -262,6 +265,13 @@ class LLMEngine:
             if request.finished:
                 del self.requests[request.request_id]
         return outputs
+
+    def _now(self) -> float:
+        """A timestamp that includes the device work queued so far (speculation's cost
+        model must not see a forward pass as free because its kernels run async)."""
+        if self.spec is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _record_prompt_logprobs(self, logits: torch.Tensor,
                                 rows: list[tuple[Request, int, int]]) -> None:

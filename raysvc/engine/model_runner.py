@@ -76,3 +76,27 @@ class ModelRunner:
         )
         self.backend.prepare(meta)
         return torch.tensor(input_ids, dtype=torch.long, device=dev), pos, meta
+
+
+def warm_up(runner: ModelRunner, block_manager, max_tokens: int) -> None:
+    """Run one forward per query-length bucket so Triton compiles its kernel variants at
+    start-up, not in the middle of serving (a first compile stalls a step for seconds).
+    Dummy sequences take blocks and give them back; nothing is cached."""
+    from raysvc.engine.sampling_params import SamplingParams
+    from raysvc.engine.scheduler import ScheduledSeq, SchedulerOutput
+    from raysvc.engine.sequence import Request
+
+    q_len = 1
+    while q_len <= max_tokens:
+        for context in {q_len, q_len + 17}:  # a plain prefill, and new tokens on a prefix
+            if context > max_tokens or block_manager.blocks_needed_for(context) > \
+                    block_manager.num_free_blocks:
+                continue
+            seq = Request("warm-up", None, [0] * context, SamplingParams(), ()).seqs[0]
+            seq.num_computed_tokens = context - q_len
+            block_manager.allocate_fresh(seq, context)
+            try:
+                runner.execute(SchedulerOutput([ScheduledSeq(seq, q_len)]), [q_len - 1])
+            finally:
+                block_manager.free(seq)
+        q_len *= 2

@@ -16,7 +16,7 @@ import torch
 
 from raysvc.engine.block_manager import BlockManager, cdiv
 from raysvc.engine.kv_cache import KVCache
-from raysvc.engine.model_runner import ModelRunner
+from raysvc.engine.model_runner import ModelRunner, warm_up
 from raysvc.engine.sampler import Sampler
 from raysvc.engine.scheduler import ScheduledSeq, SchedulerOutput
 from raysvc.engine.sequence import Request, Sequence
@@ -41,6 +41,8 @@ class DraftModelProposer:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(model, KVCache(self.config, num_blocks, block_size, dtype,
                                                  device), backend)
+        if backend.name == "triton" and device.type == "cuda":
+            warm_up(self.runner, self.block_manager, min(capacity_tokens, max_len, 1024))
         self.sampler = Sampler(self.config.vocab_size, device)
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> draft-side sequence
 
