@@ -9,10 +9,14 @@ Policies (`PlacementConfig.policy`):
   not yet released (queued + running work, in tokens). A resident request costs its
   worker decode time for its whole life while a hit saves one prefill, hence the lighter
   load weight (0.25: a 288-token hit outweighs about four such requests of load).
-  If load is out of balance — the most loaded worker runs more than `balance_abs` requests
-  more than the least loaded AND more than `balance_rel` times as many — prefix affinity
-  yields and the least loaded worker takes the request (SGLang's cache-aware router does
-  the same with its absolute and relative thresholds).
+  A worker's *load* for balancing is its running requests plus the requests routed to it
+  recently (decayed with `load_half_life_s`), so a worker that owns the busier prefix
+  groups counts as busy even when each request is short. If the best prefix worker's load
+  exceeds the least loaded worker's by more than `balance_abs` AND `balance_rel` times,
+  prefix affinity yields and the least loaded worker takes the request (SGLang's
+  cache-aware router does the same with its absolute and relative thresholds); the
+  prefix then lives on both, and later requests of the group split between them. A cold
+  prefix (cached nowhere) also goes to the least loaded worker, which spreads groups.
 - "least_loaded": the old rule — fewest seats used, then fewest blocks.
 - "round_robin": the next worker with room in a fixed order.
 - "oracle": a benchmark reference: every request whose first prompt block is the same
@@ -23,6 +27,7 @@ Ties break on fewer seats used, fewer requests routed, then worker id: determini
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +42,9 @@ class PlacementConfig:
     policy: str = "prefix"
     prefix_weight: float = 1.0  # per matched prompt token
     load_weight: float = 0.25  # per token of admitted, unreleased work
-    balance_abs: int = 4  # requests: max - min beyond this ...
-    balance_rel: float = 1.5  # ... and max > rel * min  => load is out of balance
+    balance_abs: float = 4.0  # load (requests) of the prefix's worker - the least's > this ...
+    balance_rel: float = 1.2  # ... and > rel * the least's  => least loaded takes it
+    load_half_life_s: float = 30.0  # load = running requests + recently routed, decayed
     pending_ttl_s: float = 30.0  # a placement counts as cached until events confirm it
     max_pending_blocks: int = 65536  # per worker
 
@@ -62,6 +68,11 @@ class WorkerEntry:
     requests_routed: int = 0
     missed_reports: int = 0
     draining: bool = False
+    recent: float = 0.0  # requests routed here, decayed with the load half-life ...
+    recent_time: float = 0.0  # ... as of this time
+
+    def recent_at(self, now: float, half_life_s: float) -> float:
+        return self.recent * 0.5 ** ((now - self.recent_time) / half_life_s)
 
     @property
     def worker_id(self) -> str:
@@ -91,12 +102,6 @@ def _least_loaded_key(w: WorkerEntry) -> tuple:
             w.worker_id)
 
 
-def out_of_balance(workers: list[WorkerEntry], config: PlacementConfig) -> bool:
-    loads = [w.used_seqs for w in workers]
-    hi, lo = max(loads), min(loads)
-    return hi - lo > config.balance_abs and hi > config.balance_rel * lo
-
-
 class Placer:
     """Chooses a worker among those with room; keeps the little state policies need."""
 
@@ -123,15 +128,35 @@ class Placer:
             pick = next((w for w in ordered if w.worker_id >= start), ordered[0])
             self._rr = ids.index(pick.worker_id) + 1 if pick.worker_id in ids else self._rr + 1
             return pick, pick.index.match(hashes)
-        if policy == "least_loaded" or not hashes or out_of_balance(all_workers, self.config):
+        if policy == "least_loaded" or not hashes:
             pick = min(fits, key=_least_loaded_key)
-            return pick, pick.index.match(hashes)
-        best, best_key, best_match = None, None, 0
-        for w in fits:
-            matched = w.index.match(hashes)
-            score = (self.config.prefix_weight * matched * w.block_size
-                     - self.config.load_weight * w.used_blocks * w.block_size)
-            key = (-score, *_least_loaded_key(w))
-            if best_key is None or key < best_key:
-                best, best_key, best_match = w, key, matched
-        return best, best_match
+            matched = pick.index.match(hashes)
+        else:
+            pick, matched = self._by_prefix(all_workers, fits, hashes)
+        self._routed(pick)
+        return pick, matched
+
+    def _by_prefix(self, all_workers: list[WorkerEntry], fits: list[WorkerEntry],
+                   hashes: list[bytes]) -> tuple[WorkerEntry, int]:
+        cfg, now = self.config, time.monotonic()
+        loads = {w.worker_id: w.used_seqs + w.recent_at(now, cfg.load_half_life_s)
+                 for w in all_workers}
+        scored = [(w, w.index.match(hashes)) for w in fits]
+
+        def key(item: tuple[WorkerEntry, int]) -> tuple:
+            w, matched = item
+            score = (cfg.prefix_weight * matched - cfg.load_weight * w.used_blocks) * w.block_size
+            return (-score, loads[w.worker_id], w.requests_routed, w.worker_id)
+
+        best, matched = min(scored, key=key)
+        lo, hi = min(loads.values()), loads[best.worker_id]
+        if matched == 0 or (hi - lo > cfg.balance_abs and hi > cfg.balance_rel * lo):
+            # cold prefix, or its worker runs hot: the least loaded (recently) takes it
+            best = min(fits, key=lambda w: (loads[w.worker_id], w.worker_id))
+            matched = best.index.match(hashes)
+        return best, matched
+
+    def _routed(self, w: WorkerEntry) -> None:
+        now = time.monotonic()
+        w.recent = w.recent_at(now, self.config.load_half_life_s) + 1.0
+        w.recent_time = now
