@@ -138,19 +138,43 @@ def test_failover_keeps_16_greedy_streams_exact(cluster):
 
 def test_drained_worker_finishes_its_requests_then_leaves(cluster):
     ray, router, workers = cluster
-    prompts = [[40 + i, 41, 42, 43] for i in range(8)]
-    drained: list = []
-    late: list = []
+    from raysvc.cluster import ClusterClient
 
-    def on_token(i: int, n: int) -> None:
-        if n >= 1 and not drained and len(late) == 0:
-            drained.append(router.drain_worker.remote("worker-1", 120))
-            late.append(True)
+    def routed() -> dict[str, int]:
+        stats = ray.get(router.stats.remote(), timeout=60)
+        return {w["worker_id"]: w["requests_routed"] for w in stats["workers"]}
 
-    results = _generate(router, prompts, max_tokens=24, on_token=on_token)
-    assert all(isinstance(r, list) and len(r) == 24 for r in results), results
-    assert ray.get(drained[0], timeout=120) is True
-    stats = ray.get(router.stats.remote(), timeout=60)
-    assert [w["worker_id"] for w in stats["workers"]] == ["worker-0"]
+    before = routed()
+
+    async def main():
+        client = ClusterClient(router)
+        params = {"temperature": 0.0, "max_tokens": 30, "ignore_eos": True}
+
+        async def one(i: int, started: asyncio.Event) -> list[int]:
+            tokens: list[int] = []
+            async for chunk in client.generate(f"d{i}-{time.monotonic_ns()}",
+                                               [40 + i, 41, 42, 43], params):
+                tokens += [t for d in chunk.deltas for t in d.token_ids]
+                started.set()
+            return tokens
+
+        events = [asyncio.Event() for _ in range(8)]
+        early = [asyncio.create_task(one(i, events[i])) for i in range(4)]
+        await asyncio.gather(*(e.wait() for e in events[:4]))
+        drain = router.drain_worker.remote("worker-1", 120)
+        await asyncio.sleep(0.3)
+        stats = await router.stats.remote()
+        (w1,) = [w for w in stats["workers"] if w["worker_id"] == "worker-1"]
+        late = [asyncio.create_task(one(i, events[i])) for i in range(4, 8)]
+        return await asyncio.gather(*early, *late), await drain, w1
+
+    results, drained, w1_at_drain = asyncio.run(asyncio.wait_for(main(), 240))
+    assert all(len(r) == 30 for r in results), results
+    assert w1_at_drain["draining"] and w1_at_drain["requests_admitted"] >= 1, w1_at_drain
+    assert drained is True
+    after = routed()
+    assert list(after) == ["worker-0"]  # the drained worker left once its requests finished
+    held = w1_at_drain["requests_routed"] - before["worker-1"]
+    assert after["worker-0"] - before["worker-0"] == 8 - held  # all late ones went to w0
     ray.get(router.add_worker.remote("worker-1", workers["worker-1"]), timeout=60)
     assert len(ray.get(router.workers.remote(), timeout=30)) == 2

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ class ServeArgs(BaseModel):
     stream_interval_s: float = Field(0.0, ge=0)
     max_queue_len: int = Field(1024, ge=1)
     max_seqs_per_worker: int | None = Field(None, ge=1)
+    # PlacementConfig fields (raysvc/cluster/placement.py): policy, weights, thresholds
+    placement: dict[str, Any] = Field(default_factory=dict)
+    worker_max_restarts: int = Field(3, ge=-1)  # a restarted worker re-joins the router
     api_key: str | None = None  # None: $RAYSVC_API_KEY if set, else no auth
     max_body_bytes: int = Field(4 << 20, ge=1024)
     max_n: int = Field(16, ge=1)
@@ -47,6 +50,17 @@ class ServeArgs(BaseModel):
 
     def model_name(self) -> str:
         return self.served_model_name or self.model or "tiny"
+
+    @field_validator("placement")
+    @classmethod
+    def _placement_is_valid(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from raysvc.cluster.placement import PlacementConfig
+
+        try:
+            PlacementConfig(**v)
+        except TypeError as e:
+            raise ValueError(f"placement: {e}") from None
+        return v
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("RAYSVC_API_KEY") or None
@@ -58,7 +72,8 @@ class ServeArgs(BaseModel):
         return WorkerSpec(engine_kwargs=kwargs, num_cpus=self.worker_num_cpus,
                           num_gpus=self.worker_num_gpus, resources=self.worker_resources,
                           torch_threads=self.worker_torch_threads,
-                          stream_interval_s=self.stream_interval_s)
+                          stream_interval_s=self.stream_interval_s,
+                          max_restarts=self.worker_max_restarts)
 
 
 class RaysvcCluster:
@@ -71,7 +86,8 @@ class RaysvcCluster:
 
         a = ServeArgs(**args)
         self.router = start_router(max_queue_len=a.max_queue_len,
-                                   max_seqs_per_worker=a.max_seqs_per_worker)
+                                   max_seqs_per_worker=a.max_seqs_per_worker,
+                                   placement=a.placement)
         self.workers = add_workers(self.router, a.worker_spec(), a.num_workers)
         infos = ray.get(self.router.workers.remote(), timeout=60)
         self.facts = {
