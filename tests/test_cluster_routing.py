@@ -148,10 +148,11 @@ def test_drained_worker_finishes_its_requests_then_leaves(cluster):
 
     async def main():
         client = ClusterClient(router)
-        params = {"temperature": 0.0, "max_tokens": 30, "ignore_eos": True}
 
         async def one(i: int, started: asyncio.Event) -> list[int]:
             tokens: list[int] = []
+            params = {"temperature": 0.0, "max_tokens": 200 if i < 4 else 30,
+                      "ignore_eos": True}  # the early ones outlive the drain's start
             async for chunk in client.generate(f"d{i}-{time.monotonic_ns()}",
                                                [40 + i, 41, 42, 43], params):
                 tokens += [t for d in chunk.deltas for t in d.token_ids]
@@ -162,14 +163,13 @@ def test_drained_worker_finishes_its_requests_then_leaves(cluster):
         early = [asyncio.create_task(one(i, events[i])) for i in range(4)]
         await asyncio.gather(*(e.wait() for e in events[:4]))
         drain = router.drain_worker.remote("worker-1", 120)
-        await asyncio.sleep(0.3)
-        stats = await router.stats.remote()
+        stats = await router.stats.remote()  # ordered after the drain's start
         (w1,) = [w for w in stats["workers"] if w["worker_id"] == "worker-1"]
         late = [asyncio.create_task(one(i, events[i])) for i in range(4, 8)]
         return await asyncio.gather(*early, *late), await drain, w1
 
     results, drained, w1_at_drain = asyncio.run(asyncio.wait_for(main(), 240))
-    assert all(len(r) == 30 for r in results), results
+    assert [len(r) for r in results] == [200] * 4 + [30] * 4
     assert w1_at_drain["draining"] and w1_at_drain["requests_admitted"] >= 1, w1_at_drain
     assert drained is True
     after = routed()

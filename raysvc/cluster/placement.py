@@ -92,6 +92,24 @@ class WorkerEntry:
         blocks = -(-num_prompt_tokens // self.info.block_size) + n
         return min(blocks, self.info.kv_blocks_total), min(n, self.max_seqs)
 
+    def stats(self) -> dict[str, Any]:
+        """This worker's row of /cluster/stats: facts, its last load report, the ledger."""
+        info, load = self.info, self.load
+        return {
+            "worker_id": info.worker_id, "node_id": info.node_id, "pid": info.pid,
+            "device": info.device, "running": load.running, "waiting": load.waiting,
+            "kv_blocks_free": load.kv_blocks_free, "kv_blocks_total": load.kv_blocks_total,
+            "tokens_in_flight": load.tokens_in_flight,
+            "requests_in_flight": load.requests_in_flight,
+            "requests_admitted": len(self.admitted), "requests_routed": self.requests_routed,
+            "prefix_cache_hits": load.prefix_cache_hits,
+            "prefix_cache_queries": load.prefix_cache_queries,
+            "num_preemptions": load.num_preemptions,
+            "num_generated_tokens": load.num_generated_tokens,
+            "index_blocks": len(self.index.cached), "index_pending": len(self.index.pending),
+            "draining": self.draining,
+        }
+
     def has_room(self, blocks: int, seqs: int) -> bool:
         return (not self.draining and self.used_seqs + seqs <= self.max_seqs
                 and self.used_blocks + blocks <= self.info.kv_blocks_total)

@@ -264,21 +264,7 @@ class Router:
         await self.refresh()
         return {
             "queue_len": len(self._queue),
-            "workers": [{
-                "worker_id": w.info.worker_id, "node_id": w.info.node_id, "pid": w.info.pid,
-                "device": w.info.device, "running": w.load.running, "waiting": w.load.waiting,
-                "kv_blocks_free": w.load.kv_blocks_free,
-                "kv_blocks_total": w.load.kv_blocks_total,
-                "tokens_in_flight": w.load.tokens_in_flight,
-                "requests_in_flight": w.load.requests_in_flight,
-                "requests_admitted": len(w.admitted), "requests_routed": w.requests_routed,
-                "prefix_cache_hits": w.load.prefix_cache_hits,
-                "prefix_cache_queries": w.load.prefix_cache_queries,
-                "num_preemptions": w.load.num_preemptions,
-                "num_generated_tokens": w.load.num_generated_tokens,
-                "index_blocks": len(w.index.cached), "index_pending": len(w.index.pending),
-                "draining": w.draining,
-            } for w in self._workers.values()],
+            "workers": [w.stats() for w in self._workers.values()],
             "index_size": sum(w.index.size() for w in self._workers.values()),
             "placement": self.placement.policy,
         }
