@@ -84,6 +84,19 @@ def test_prefix_policy_follows_the_cache_until_load_is_out_of_balance():
     assert fallback is not first
 
 
+def test_full_prefix_worker_is_waited_for_unless_it_runs_hot():
+    workers = [_worker(f"w{i}", seqs=2) for i in range(2)]
+    placer = Placer(PlacementConfig(balance_abs=2, balance_rel=1.5))
+    a = hash_blocks(list(range(3, 163)), 16)
+    _admit(workers[0], a)
+    _admit(workers[0], a)  # w0 holds the prefix and is full
+    assert placer.choose(workers, workers[1:], a) == (None, 0)  # wait for w0
+    assert Placer(PlacementConfig(wait_for_prefix=False)).choose(
+        workers, workers[1:], a)[0] is workers[1]
+    _admit(workers[0], a)  # w0 now runs hot: 3 vs 0 requests
+    assert placer.choose(workers, workers[1:], a)[0] is workers[1]
+
+
 def test_comparison_policies():
     workers = [_worker(f"w{i}") for i in range(4)]
     hashes = [hash_blocks([g] * 48, 16) for g in range(8)]

@@ -17,6 +17,10 @@ Policies (`PlacementConfig.policy`):
   cache-aware router does the same with its absolute and relative thresholds); the
   prefix then lives on both, and later requests of the group split between them. A cold
   prefix (cached nowhere) also goes to the least loaded worker, which spreads groups.
+  With `wait_for_prefix`, a worker that holds the prefix but has no room right now still
+  wins: the request waits for it at the head of the queue rather than missing on whichever
+  worker happens to free a slot first (under saturation that is what keeps the hit rate;
+  the balance rule bounds the wait).
 - "least_loaded": the old rule — fewest seats used, then fewest blocks.
 - "round_robin": the next worker with room in a fixed order.
 - "oracle": a benchmark reference: every request whose first prompt block is the same
@@ -45,6 +49,7 @@ class PlacementConfig:
     balance_abs: float = 4.0  # load (requests) of the prefix's worker - the least's > this ...
     balance_rel: float = 1.2  # ... and > rel * the least's  => least loaded takes it
     load_half_life_s: float = 30.0  # load = running requests + recently routed, decayed
+    wait_for_prefix: bool = True  # a full worker holding the prefix is worth waiting for
     pending_ttl_s: float = 30.0  # a placement counts as cached until events confirm it
     max_pending_blocks: int = 65536  # per worker
 
@@ -151,15 +156,19 @@ class Placer:
             matched = pick.index.match(hashes)
         else:
             pick, matched = self._by_prefix(all_workers, fits, hashes)
-        self._routed(pick)
+        if pick is not None:
+            self._routed(pick)
         return pick, matched
 
     def _by_prefix(self, all_workers: list[WorkerEntry], fits: list[WorkerEntry],
-                   hashes: list[bytes]) -> tuple[WorkerEntry, int]:
+                   hashes: list[bytes]) -> tuple[WorkerEntry | None, int]:
         cfg, now = self.config, time.monotonic()
         loads = {w.worker_id: w.used_seqs + w.recent_at(now, cfg.load_half_life_s)
                  for w in all_workers}
-        scored = [(w, w.index.match(hashes)) for w in fits]
+        # a full worker still competes: waiting for the one holding the prefix beats a
+        # miss elsewhere (once it runs hot, the balance rule below sends the request on)
+        pool = [w for w in all_workers if not w.draining] if cfg.wait_for_prefix else fits
+        scored = [(w, w.index.match(hashes)) for w in pool]
 
         def key(item: tuple[WorkerEntry, int]) -> tuple:
             w, matched = item
@@ -170,8 +179,12 @@ class Placer:
         lo, hi = min(loads.values()), loads[best.worker_id]
         if matched == 0 or (hi - lo > cfg.balance_abs and hi > cfg.balance_rel * lo):
             # cold prefix, or its worker runs hot: the least loaded (recently) takes it
+            if not fits:
+                return None, 0
             best = min(fits, key=lambda w: (loads[w.worker_id], w.worker_id))
             matched = best.index.match(hashes)
+        elif best not in fits:
+            return None, 0  # the head of the queue waits for its prefix's worker
         return best, matched
 
     def _routed(self, w: WorkerEntry) -> None:
