@@ -79,7 +79,7 @@ def bench_policy(ray: Any, policy: str, args: argparse.Namespace,
     from raysvc.cluster import WorkerSpec, add_workers, start_router
 
     router = start_router(health_interval_s=0.5, events_wait_s=0.2,
-                          placement={"policy": policy})
+                          placement={**args.placement, "policy": policy})
     engine = {"num_kv_blocks": args.kv_blocks, "max_num_seqs": args.max_seqs,
               "max_num_batched_tokens": 1024}
     spec = WorkerSpec(engine_kwargs=engine, num_cpus=0, resources={"raysvc_worker": 1},
@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seqs", type=int, default=8, help="per worker")
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--placement", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="PlacementConfig overrides, e.g. balance_abs=8 load_weight=0.5")
     args = p.parse_args(argv)
+    args.placement = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.placement)}
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("RAY_ADDRESS", None)
