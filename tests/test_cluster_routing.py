@@ -106,8 +106,9 @@ def test_index_matches_workers_after_random_workload(cluster):
     assert all(w["index_blocks"] <= w["kv_blocks_total"] for w in stats["workers"])
 
 
-def test_failover_keeps_16_greedy_streams_exact(cluster):
+def test_failover_keeps_16_greedy_streams_exact(cluster, caplog):
     ray, router, workers = cluster
+    caplog.set_level("WARNING", logger="raysvc.cluster.client")
     from raysvc import LLM, SamplingParams
 
     prompts = [[7 + i, 20 + i, 9, 30, 31, 32 + i] for i in range(16)]
@@ -126,6 +127,9 @@ def test_failover_keeps_16_greedy_streams_exact(cluster):
     results = _generate(router, prompts, max_tokens=40, on_token=on_token)
     assert killed, "the kill never happened"
     assert results == expected
+    # streams that were on the victim (each >= 2 tokens in at the kill) were re-dispatched
+    failovers = [r for r in caplog.records if "failed during" in r.getMessage()]
+    assert failovers and all("worker-0" in r.getMessage() for r in failovers)
     deadline = time.monotonic() + 120  # the restarted actor re-joins the router by itself
     while time.monotonic() < deadline:
         infos = ray.get(router.workers.remote(), timeout=30)
