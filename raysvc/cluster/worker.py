@@ -101,7 +101,7 @@ class LLMWorker:
 
     async def cached_block_hashes(self) -> set[bytes]:
         """The engine's own set of cached block hashes, read on its step thread."""
-        return await self.engine._call(self.engine.engine.cached_block_hashes)
+        return await self.engine.cached_block_hashes()
 
     # -- requests ----------------------------------------------------------------------
 

@@ -115,6 +115,10 @@ class AsyncEngine:
         plain read, so a snapshot can straddle a step boundary, never a torn value."""
         return self.engine.stats()
 
+    async def cached_block_hashes(self) -> set[bytes]:
+        """The prefix cache's block hashes, read on the engine thread (between steps)."""
+        return await self._call(self.engine.cached_block_hashes)
+
     @property
     def failure(self) -> BaseException | None:
         """The exception that stopped the step loop, or None while the engine is healthy."""
