@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -39,6 +40,12 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         from raysvc.bench.engine import main as bench_main
     elif args.what == "serve":
         from raysvc.bench.serve import main as bench_main
+    elif args.what == "spec":
+        from raysvc.bench.spec import main as bench_main
+    elif args.what == "routing":
+        from raysvc.bench.routing import main as bench_main
+    elif args.what == "prefix-cache":
+        from raysvc.bench.prefix_cache import main as bench_main
     else:
         from raysvc.bench.kernels import main as bench_main
     return bench_main(rest) or 0
@@ -52,12 +59,20 @@ def serve_args_from_cli(args: argparse.Namespace):
               if getattr(args, name, None) is not None}
     if args.no_prefix_caching:
         engine["enable_prefix_caching"] = False
+    if args.speculative_config is not None:
+        try:
+            engine["speculative_config"] = json.loads(args.speculative_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--speculative-config: not JSON ({e}); e.g. "
+                             '\'{"method": "draft_model", "num_speculative_tokens": 4}\'') from None
     return ServeArgs(model=args.model, served_model_name=args.served_model_name,
                      num_workers=args.num_workers, engine=engine,
                      worker_num_cpus=args.worker_cpus, worker_torch_threads=args.worker_threads,
                      stream_interval_s=args.stream_interval, max_queue_len=args.max_queue_len,
                      api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
-                     ingress_replicas=args.ingress_replicas)
+                     ingress_replicas=args.ingress_replicas, draft_workers=args.draft_workers,
+                     draft_num_cpus=args.draft_cpus, draft_num_gpus=args.draft_gpus,
+                     draft_torch_threads=args.draft_threads)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -112,6 +127,15 @@ def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
     p.add_argument("--max-body-bytes", type=int, default=4 << 20)
     p.add_argument("--max-n", type=int, default=16)
     p.add_argument("--ingress-replicas", type=int, default=1)
+    p.add_argument("--speculative-config", default=None,
+                   help='JSON, as in vLLM: \'{"method": "draft_model" | "ngram", "model": PATH, '
+                        '"num_speculative_tokens": 4}\'')
+    p.add_argument("--draft-workers", type=int, default=0,
+                   help="draft-model actors serving every worker's proposals (0: each worker "
+                        "drafts in process); implies a draft_model speculative config")
+    p.add_argument("--draft-cpus", type=float, default=1.0, help="CPUs a draft actor reserves")
+    p.add_argument("--draft-gpus", type=float, default=0.0, help="GPUs a draft actor reserves")
+    p.add_argument("--draft-threads", type=int, default=None, help="torch threads per draft actor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
 
     bench = sub.add_parser("bench", help="benchmarks (the rest of the arguments go to them)")
-    bench.add_argument("what", choices=["engine", "kernels", "serve"])
+    bench.add_argument("what", choices=["engine", "kernels", "serve", "spec", "routing",
+                                        "prefix-cache"])
     return parser
 
 

@@ -47,3 +47,31 @@ def test_cli_serve_rejects_bad_flags_before_starting_ray():
     help_out = subprocess.run([sys.executable, "-m", "raysvc.cli", "serve", "--help"],
                               capture_output=True, text=True, timeout=120)
     assert help_out.returncode == 0 and "--num-workers" in help_out.stdout
+
+
+def test_draft_pool_args():
+    from pydantic import ValidationError
+
+    from raysvc.serve.app import ServeArgs
+
+    a = ServeArgs(draft_workers=2)  # implies a draft-model speculative config
+    assert a.engine["speculative_config"] == {"method": "draft_model"}
+    assert ServeArgs(draft_workers=1, engine={"speculative_config": {
+        "method": "draft_model", "num_speculative_tokens": 3}}).engine[
+        "speculative_config"]["num_speculative_tokens"] == 3
+    with pytest.raises(ValidationError, match="draft_workers"):
+        ServeArgs(draft_workers=1, engine={"speculative_config": {"method": "ngram"}})
+    with pytest.raises(ValidationError, match="draft_workers"):
+        ServeArgs(draft_workers=-1)
+    assert ServeArgs().worker_spec().draft_actors == []
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--speculative-config", "{method: ngram"], "--speculative-config"),
+    (["--speculative-config", '{"method": "medusa"}'], "speculative_config"),
+    (["--speculative-config", '{"method": "ngram"}', "--draft-workers", "1"], "draft_workers"),
+])
+def test_cli_serve_rejects_bad_speculation_flags(flags, field):
+    out = subprocess.run([sys.executable, "-m", "raysvc.cli", "serve", *flags],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and field in out.stderr, out.stderr

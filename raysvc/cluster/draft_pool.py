@@ -7,14 +7,18 @@ and makes one call per step per actor, carrying all of that worker's sequences p
 there: the tokens the actor has not seen yet in, k proposals out.
 
 Failure never costs a request: an actor that dies or does not answer in time yields no
-proposals for that step (those sequences decode plainly), and its sequences are sent in
-full again on the next call, which re-seeds the restarted actor (`max_restarts=-1`).
+proposals for that step (those sequences decode plainly). It is then left alone for a
+back-off that doubles with each failure in a row (so a dead actor does not stall every
+step for a timeout), and its sequences are unpinned: the next step pins them to a live
+actor and sends them in full (re-seeding it). A restarted actor (`max_restarts=-1`) takes
+new sequences again once its back-off has passed.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -103,25 +107,35 @@ class DraftActor:
 class DraftPoolProposer:
     """Worker side of the pool; has the in-process proposer's interface."""
 
-    def __init__(self, actors: list, timeout_s: float = 5.0) -> None:
+    def __init__(self, actors: list, timeout_s: float = 5.0, backoff_s: float = 1.0,
+                 max_backoff_s: float = 30.0) -> None:
         self.actors = actors
         self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         self.prefix = uuid.uuid4().hex[:8]  # keys unique across the workers sharing actors
         self.pinned: dict[int, int] = {}  # seq_id -> actor index
         self.known: dict[int, int] = {}  # seq_id -> tokens its actor holds
         self.released: dict[int, list[str]] = {i: [] for i in range(len(actors))}
         self.load = [0] * len(actors)
+        self.down_until = [0.0] * len(actors)  # monotonic time an actor may be called again
+        self.failures_in_row = [0] * len(actors)
         self.failures = 0
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal | None]:
+        now = time.monotonic()
+        live = [a for a in range(len(self.actors)) if self.down_until[a] <= now]
         by_actor: dict[int, list[int]] = {}
         for i, seq in enumerate(seqs):
             a = self.pinned.get(seq.seq_id)
-            if a is None:  # pin to the actor with the fewest sequences
-                a = min(range(len(self.actors)), key=self.load.__getitem__)
+            if a is None:
+                if not live:
+                    continue  # every actor is backing off: this sequence decodes plainly
+                a = min(live, key=self.load.__getitem__)  # the fewest sequences
                 self.pinned[seq.seq_id] = a
                 self.load[a] += 1
-            by_actor.setdefault(a, []).append(i)
+            if self.down_until[a] <= now:
+                by_actor.setdefault(a, []).append(i)
         calls = {}
         for a, idx in by_actor.items():
             items = [self._item(seqs[i], ks[i]) for i in idx]
@@ -132,11 +146,9 @@ class DraftPoolProposer:
             try:
                 results = ray.get(ref, timeout=self.timeout_s)
             except Exception as e:  # died, restarting or slow: plain decoding this step
-                self.failures += 1
-                logger.warning("draft actor %d failed (%s); decoding plainly", a, e)
-                for i in by_actor[a]:
-                    self.known[seqs[i].seq_id] = 0  # re-seed on the next call
+                self._failed(a, e)
                 continue
+            self.failures_in_row[a] = 0
             for i, result in zip(by_actor[a], results, strict=True):
                 seq = seqs[i]
                 if result is None:
@@ -148,6 +160,17 @@ class DraftPoolProposer:
                     out[i] = Proposal(tokens, probs)
         return out
 
+    def _failed(self, a: int, error: Exception) -> None:
+        """Back off from actor `a` and unpin its sequences (re-seeded wherever they land)."""
+        self.failures += 1
+        self.failures_in_row[a] += 1
+        backoff = min(self.backoff_s * 2 ** (self.failures_in_row[a] - 1), self.max_backoff_s)
+        self.down_until[a] = time.monotonic() + backoff
+        logger.warning("draft actor %d failed (%r); its sequences decode plainly or move; "
+                       "retrying it in %.1fs", a, error, backoff)
+        for seq_id in [s for s, pinned in self.pinned.items() if pinned == a]:
+            self._unpin(seq_id)
+
     def _item(self, seq: Sequence, k: int) -> DraftItem:
         known = min(self.known.get(seq.seq_id, 0), seq.num_tokens)
         p = seq.request.params
@@ -156,12 +179,16 @@ class DraftPoolProposer:
         return DraftItem(f"{self.prefix}:{seq.seq_id}", known, seq.token_ids[known:],
                          seq.num_prompt_tokens, seq.index, params, k)
 
-    def release(self, seq: Sequence) -> None:
-        a = self.pinned.pop(seq.seq_id, None)
-        self.known.pop(seq.seq_id, None)
+    def _unpin(self, seq_id: int) -> None:
+        a = self.pinned.pop(seq_id, None)
+        self.known.pop(seq_id, None)
         if a is not None:
             self.load[a] -= 1
-            self.released[a].append(f"{self.prefix}:{seq.seq_id}")
+            # if the actor still holds it (a slow call, not a death), it frees it next call
+            self.released[a].append(f"{self.prefix}:{seq_id}")
+
+    def release(self, seq: Sequence) -> None:
+        self._unpin(seq.seq_id)
 
 
 def start_draft_pool(num_actors: int, model: str | None = None, num_cpus: float = 1,

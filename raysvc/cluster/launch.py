@@ -28,6 +28,8 @@ class WorkerSpec:
     torch_threads: int | None = None  # None: int(num_cpus) on CPU (>= 1)
     stream_interval_s: float = 0.0
     max_restarts: int = 0  # > 0: Ray restarts a dead worker, which re-joins its router
+    # draft-model actor pool (raysvc.cluster.draft_pool) serving this worker's speculation
+    draft_actors: list[Any] = field(default_factory=list)
 
     def actor_options(self) -> dict[str, Any]:
         device = str(self.engine_kwargs.get("device", "auto"))
@@ -64,7 +66,8 @@ def start_worker(worker_id: str, spec: WorkerSpec, router: Any = None) -> Any:
     import ray
 
     return ray.remote(LLMWorker).options(**spec.actor_options()).remote(
-        worker_id, spec.engine_kwargs, spec.threads(), spec.stream_interval_s, router)
+        worker_id, spec.engine_kwargs, spec.threads(), spec.stream_interval_s, router,
+        spec.draft_actors)
 
 
 def add_workers(router: Any, spec: WorkerSpec, num_workers: int, prefix: str = "worker",

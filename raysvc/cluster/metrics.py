@@ -1,8 +1,9 @@
 """Prometheus metrics through `ray.util.metrics`, named after vLLM's (`vllm:x` -> `raysvc_x`).
 
 Ray's metrics agent on each node exports them (prefixed `ray_`) on its Prometheus port.
-The router records the cluster's gauges from the load reports it already polls; the
-ingress records per-request latencies and token counts, as its clients see them. Every
+The router records the cluster's gauges, and the speculative-decoding counters, from the
+load reports it already polls; the ingress records per-request latencies and token counts,
+as its clients see them. Every
 call is tolerant: outside a Ray worker (unit tests) the metrics quietly do nothing.
 """
 
@@ -53,20 +54,50 @@ class ClusterMetrics:
                               "Fraction of a worker's KV blocks in use (1 = full).", tags)
         self.preemptions = _make("Gauge", "raysvc_num_preemptions",
                                  "Preemptions so far on a worker.", tags)
+        # vLLM's spec_decode counters: acceptance rate = accepted / draft tokens, mean
+        # accepted length = 1 + accepted / drafts, per position = per_pos[i] / drafts
+        self.spec_drafts = _make("Counter", "raysvc_spec_decode_num_drafts",
+                                 "Speculative verifications (one per sequence per step).", tags)
+        self.spec_draft_tokens = _make("Counter", "raysvc_spec_decode_num_draft_tokens",
+                                       "Proposed tokens.", tags)
+        self.spec_accepted = _make("Counter", "raysvc_spec_decode_num_accepted_tokens",
+                                   "Accepted proposed tokens.", tags)
+        self.spec_accepted_per_pos = _make(
+            "Counter", "raysvc_spec_decode_num_accepted_tokens_per_pos",
+            "Accepted proposed tokens by position in the proposal.", ("worker_id", "position"))
 
     def queue(self, length: int) -> None:
         _record(self.waiting, "set", length, {"worker_id": "router"})
 
-    def worker(self, worker_id: str, load: WorkerLoad) -> None:
+    def worker(self, worker_id: str, load: WorkerLoad, previous: WorkerLoad | None = None) -> None:
+        """Record a load report; counters grow by what it adds to `previous` (the same
+        worker's last report; a restarted worker starts a new entry, from zero)."""
         tags = {"worker_id": worker_id}
         _record(self.running, "set", load.running, tags)
         _record(self.waiting, "set", load.waiting, tags)
         used = 1.0 - load.kv_blocks_free / load.kv_blocks_total if load.kv_blocks_total else 0.0
         _record(self.kv_usage, "set", used, tags)
         _record(self.preemptions, "set", load.num_preemptions, tags)
+        prev = previous or WorkerLoad()
+        for metric, new, old in (
+                (self.spec_drafts, load.spec_num_drafts, prev.spec_num_drafts),
+                (self.spec_draft_tokens, load.spec_draft_tokens, prev.spec_draft_tokens),
+                (self.spec_accepted, load.spec_accepted_tokens, prev.spec_accepted_tokens)):
+            _inc(metric, new, old, tags)
+        old_pos = prev.spec_accepted_tokens_per_position
+        for pos, new in enumerate(load.spec_accepted_tokens_per_position):
+            _inc(self.spec_accepted_per_pos, new, old_pos[pos] if pos < len(old_pos) else 0,
+                 {**tags, "position": str(pos)})
 
     def forget_worker(self, worker_id: str) -> None:
         self.worker(worker_id, WorkerLoad())
+
+
+def _inc(counter: Any, new: int, old: int, tags: dict[str, str]) -> None:
+    """Add a cumulative count's growth since `old` (all of `new` if it went back: a reset)."""
+    grown = new - old if new >= old else new
+    if grown > 0:
+        _record(counter, "inc", grown, tags)
 
 
 class RequestMetrics:

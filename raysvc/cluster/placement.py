@@ -111,6 +111,11 @@ class WorkerEntry:
             "prefix_cache_queries": load.prefix_cache_queries,
             "num_preemptions": load.num_preemptions,
             "num_generated_tokens": load.num_generated_tokens,
+            "spec_num_drafts": load.spec_num_drafts,
+            "spec_draft_tokens": load.spec_draft_tokens,
+            "spec_accepted_tokens": load.spec_accepted_tokens,
+            "spec_acceptance_rate": (load.spec_accepted_tokens / load.spec_draft_tokens
+                                     if load.spec_draft_tokens else None),
             "index_blocks": len(self.index.cached), "index_pending": len(self.index.pending),
             "draining": self.draining,
         }

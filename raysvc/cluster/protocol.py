@@ -52,16 +52,26 @@ class WorkerLoad:
     prefix_cache_queries: int = 0  # tokens looked up
     num_preemptions: int = 0
     num_generated_tokens: int = 0  # since the worker started
+    # speculative decoding, since the worker started (all 0 without speculation)
+    spec_num_drafts: int = 0  # verifications: one per speculating sequence per step
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_tokens_per_position: list[int] = field(default_factory=list)
     healthy: bool = True
 
     @classmethod
-    def from_engine_stats(cls, stats: dict[str, int], **extra: Any) -> WorkerLoad:
+    def from_engine_stats(cls, stats: dict[str, Any], **extra: Any) -> WorkerLoad:
         return cls(running=stats["num_running"], waiting=stats["num_waiting"],
                    kv_blocks_free=stats["kv_blocks_free"], kv_blocks_total=stats["kv_blocks_total"],
                    prefix_cache_hits=stats["prefix_cache_hits"],
                    prefix_cache_queries=stats["prefix_cache_queries"],
                    num_preemptions=stats["num_preemptions"],
-                   num_generated_tokens=stats["num_generated_tokens"], **extra)
+                   num_generated_tokens=stats["num_generated_tokens"],
+                   spec_num_drafts=stats.get("spec_num_drafts", 0),
+                   spec_draft_tokens=stats.get("spec_draft_tokens", 0),
+                   spec_accepted_tokens=stats.get("spec_accepted_tokens", 0),
+                   spec_accepted_tokens_per_position=list(
+                       stats.get("spec_accepted_tokens_per_position", [])), **extra)
 
 
 @dataclass(slots=True)

@@ -248,8 +248,8 @@ class Router:
             return_exceptions=True)
         for worker, result in zip(workers, results, strict=True):
             if isinstance(result, WorkerLoad) and result.healthy:
+                self._metrics.worker(worker.info.worker_id, result, previous=worker.load)
                 worker.load, worker.missed_reports = result, 0
-                self._metrics.worker(worker.info.worker_id, result)
             elif isinstance(result, TimeoutError):
                 # Busy, not dead (a first GPU step may compile kernels for minutes): its
                 # report is stale, its ledger still holds.

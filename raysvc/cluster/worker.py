@@ -11,6 +11,9 @@ per request, is what keeps the HTTP path's overhead small next to the engine's w
 when a caller falls behind, steps merge into bigger items instead of queueing up.
 Closing a channel (its caller left or died) aborts its requests and frees their blocks.
 
+With `draft_actors`, the engine's speculative proposals come from the draft-model actor
+pool (`raysvc.cluster.draft_pool`) instead of a draft model in this process.
+
 The engine's KV events go to a `KVEventLog` that the router long-polls (`kv_events`), so
 the router's prefix index mirrors this worker's cache exactly. A worker given its router
 re-joins it by itself when Ray restarts the actor (`max_restarts`).
@@ -42,14 +45,20 @@ class _Channel:
 class LLMWorker:
     def __init__(self, worker_id: str, engine_kwargs: dict[str, Any] | None = None,
                  torch_threads: int | None = None, stream_interval_s: float = 0.0,
-                 router: Any = None) -> None:
+                 router: Any = None, draft_actors: list[Any] | None = None) -> None:
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         from raysvc.engine.async_engine import AsyncEngine
 
-        self.engine = AsyncEngine(**{**(engine_kwargs or {}), "skip_tokenizer_init": True})
+        proposer = None
+        if draft_actors:  # speculation served by the draft-model actor pool
+            from raysvc.cluster.draft_pool import DraftPoolProposer
+
+            proposer = DraftPoolProposer(list(draft_actors))
+        self.engine = AsyncEngine(proposer=proposer,
+                                  **{**(engine_kwargs or {}), "skip_tokenizer_init": True})
         llm = self.engine.engine
         self.worker_id = worker_id
         self.stream_interval_s = stream_interval_s

@@ -2,11 +2,12 @@
 OpenAI ingress deployment in front of it.
 
 `build_app(args)` is the import path Serve configs name (`raysvc.serve.app:build_app`);
-`raysvc serve` calls it too. The cluster deployment (one replica) starts the router and
-the worker actors and owns them — they live and die with the Serve application, so
-`serve shutdown` or deleting the app leaves nothing behind. Ingress replicas ask it once
-for the router's handle and the model's facts, then talk to the router and the workers
-directly: Serve's request path carries HTTP only.
+`raysvc serve` calls it too. The cluster deployment (one replica) starts the router,
+the worker actors and the draft-model actor pool (`draft_workers`), and owns them — they
+live and die with the Serve application, so `serve shutdown` or deleting the app leaves
+nothing behind. Ingress replicas ask it once for the router's handle and the model's
+facts, then talk to the router and the workers directly: Serve's request path carries
+HTTP only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,22 @@ class ServeArgs(BaseModel):
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(1024, ge=1)
+    # Draft-model actor pool: proposals for every worker's speculation come from this many
+    # draft actors (0: each worker drafts in process, if engine.speculative_config asks).
+    draft_workers: int = Field(0, ge=0)
+    draft_num_cpus: float = Field(1.0, ge=0)
+    draft_num_gpus: float = Field(0.0, ge=0)  # e.g. 0.25: four draft actors share a GPU
+    draft_torch_threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _draft_pool_needs_a_draft_model(self) -> ServeArgs:
+        if self.draft_workers:
+            spec = self.engine.get("speculative_config") or {"method": "draft_model"}
+            if not isinstance(spec, dict) or spec.get("method") != "draft_model":
+                raise ValueError('draft_workers: the draft actor pool serves speculative_config '
+                                 '{"method": "draft_model"}; got ' + repr(spec))
+            self.engine = {**self.engine, "speculative_config": spec}
+        return self
 
     def model_name(self) -> str:
         return self.served_model_name or self.model or "tiny"
@@ -65,7 +82,7 @@ class ServeArgs(BaseModel):
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("RAYSVC_API_KEY") or None
 
-    def worker_spec(self):
+    def worker_spec(self, draft_actors: list | None = None):
         from raysvc.cluster.launch import WorkerSpec
 
         kwargs = {**self.engine, "model": self.model}
@@ -73,7 +90,22 @@ class ServeArgs(BaseModel):
                           num_gpus=self.worker_num_gpus, resources=self.worker_resources,
                           torch_threads=self.worker_torch_threads,
                           stream_interval_s=self.stream_interval_s,
-                          max_restarts=self.worker_max_restarts)
+                          max_restarts=self.worker_max_restarts,
+                          draft_actors=list(draft_actors or []))
+
+    def start_draft_pool(self) -> list:
+        """The draft actors (none unless `draft_workers`), sized like the workers' engines."""
+        if not self.draft_workers:
+            return []
+        from raysvc.cluster.draft_pool import start_draft_pool
+
+        e = self.engine
+        return start_draft_pool(
+            self.draft_workers, model=e["speculative_config"].get("model"),
+            num_cpus=self.draft_num_cpus, num_gpus=self.draft_num_gpus,
+            num_threads=self.draft_torch_threads or max(int(self.draft_num_cpus), 1),
+            dtype=e.get("dtype", "auto"), block_size=e.get("block_size", 16),
+            max_model_len=e.get("max_model_len") or 4096)
 
 
 class RaysvcCluster:
@@ -88,7 +120,8 @@ class RaysvcCluster:
         self.router = start_router(max_queue_len=a.max_queue_len,
                                    max_seqs_per_worker=a.max_seqs_per_worker,
                                    placement=a.placement)
-        self.workers = add_workers(self.router, a.worker_spec(), a.num_workers)
+        self.draft_actors = a.start_draft_pool()
+        self.workers = add_workers(self.router, a.worker_spec(self.draft_actors), a.num_workers)
         infos = ray.get(self.router.workers.remote(), timeout=60)
         self.facts = {
             "model_path": next(iter(infos.values())).model,

@@ -98,6 +98,7 @@ class SpeculativeDecoder:
 
     def stats(self) -> dict:
         return {
+            "spec_num_drafts": self.verifications,  # sequences x steps that speculated
             "spec_draft_tokens": self.draft_tokens,
             "spec_accepted_tokens": self.accepted_tokens,
             "spec_acceptance_rate": self.accepted_tokens / max(self.draft_tokens, 1),
@@ -107,5 +108,6 @@ class SpeculativeDecoder:
                 a / d if d else None
                 for a, d in zip(self.accepted_per_position, self.drafted_per_position,
                                 strict=True)],
+            "spec_accepted_tokens_per_position": list(self.accepted_per_position),
             "spec_num_speculative_tokens": self.controller.k,
         }

@@ -1,0 +1,140 @@
+"""`raysvc serve --draft-workers N` below HTTP: the Serve app's cluster deployment
+(`RaysvcCluster`, run here as a plain object on a local Ray) starts a draft-model actor
+pool and hands it to its workers. Greedy output through the router equals the offline
+engine without speculation; the spec counters reach /cluster/stats and Prometheus; a
+killed draft actor costs no request and changes no output, and serves again once Ray
+has restarted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import urllib.request
+
+import pytest
+
+SPEC = {"method": "draft_model", "num_speculative_tokens": 3, "adaptive": False}
+ENGINE = {"dtype": "float32", "num_kv_blocks": 192, "max_num_seqs": 8,
+          "speculative_config": SPEC}
+PROMPTS = ["The list type", "A dictionary is a", "def f(x):\n    return", "The while",
+           "Exceptions are", "Strings are"]
+
+
+def _prompt_ids() -> list[list[int]]:
+    from raysvc.engine.llm_engine import load_tokenizer
+    from raysvc.models.builtin import path
+
+    tok = load_tokenizer(path("tiny"))
+    return [tok.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.pop("RAY_ADDRESS", None)
+    import ray
+
+    from raysvc.serve.app import RaysvcCluster, ServeArgs
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning",
+             _system_config={"metrics_report_interval_ms": 1000})
+    try:
+        args = ServeArgs(draft_workers=1, engine=ENGINE, worker_torch_threads=1,
+                         draft_torch_threads=1)
+        c = RaysvcCluster(args.model_dump())
+        ray.get(c.router.refresh.remote(), timeout=60)
+        yield ray, c
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected():
+    from raysvc import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    outs = LLM(dtype="float32").generate(_prompt_ids(), params)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _generate(router, on_token=None) -> list:
+    from raysvc.cluster import ClusterClient
+
+    params = {"temperature": 0.0, "max_tokens": 48, "ignore_eos": True}
+
+    async def main():
+        client = ClusterClient(router)
+
+        async def one(i: int, prompt: list[int]) -> list[int]:
+            tokens: list[int] = []
+            async for chunk in client.generate(f"r{i}-{time.monotonic_ns()}", prompt, params):
+                for delta in chunk.deltas:
+                    tokens += delta.token_ids
+                if on_token is not None:
+                    on_token(len(tokens))
+            return tokens
+
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(_prompt_ids())))
+
+    return asyncio.run(asyncio.wait_for(main(), 240))
+
+
+def _worker_row(ray, c) -> dict:
+    ray.get(c.router.refresh.remote(), timeout=60)
+    (row,) = ray.get(c.router.stats.remote(), timeout=60)["workers"]
+    return row
+
+
+def test_greedy_through_the_draft_pool_equals_plain_decoding(cluster, expected):
+    ray, c = cluster
+    assert len(c.draft_actors) == 1
+    assert _generate(c.router) == expected
+    row = _worker_row(ray, c)
+    assert row["spec_draft_tokens"] > 0 and row["spec_accepted_tokens"] > 0, row
+    assert 0 < row["spec_acceptance_rate"] <= 1
+    assert row["kv_blocks_free"] == row["kv_blocks_total"]
+
+
+def test_spec_metrics_are_exported(cluster):
+    ray, _ = cluster
+    urls = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+            for n in ray.nodes() if n["Alive"]]
+    names = ("raysvc_spec_decode_num_drafts", "raysvc_spec_decode_num_draft_tokens",
+             "raysvc_spec_decode_num_accepted_tokens",
+             "raysvc_spec_decode_num_accepted_tokens_per_pos")
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = "".join(urllib.request.urlopen(u, timeout=10).read().decode() for u in urls)
+        if all(n in text for n in names):
+            break
+        time.sleep(1)
+    assert all(n in text for n in names), [n for n in names if n not in text]
+    assert 'position="0"' in text
+
+
+def test_killed_draft_actor_loses_nothing_and_comes_back(cluster, expected):
+    ray, c = cluster
+    (actor,) = c.draft_actors
+    killed = []
+
+    def on_token(n: int) -> None:
+        if n >= 8 and not killed:
+            killed.append(n)
+            ray.kill(actor, no_restart=False)  # Ray restarts it (max_restarts=-1)
+
+    assert _generate(c.router, on_token) == expected
+    assert killed
+    ray.get(actor.ready.remote(), timeout=120)  # restarted
+    before = _worker_row(ray, c)["spec_accepted_tokens"]
+    deadline = time.monotonic() + 120
+    while True:  # the worker retries the actor after its back-off, then drafts there again
+        assert _generate(c.router) == expected
+        row = _worker_row(ray, c)
+        if row["spec_accepted_tokens"] > before:
+            break
+        assert time.monotonic() < deadline, row
+    assert row["kv_blocks_free"] == row["kv_blocks_total"]
