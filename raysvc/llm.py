@@ -20,8 +20,11 @@ class LLM:
     >>> out = llm.generate(["The list type"], SamplingParams(max_tokens=8, temperature=0))
     """
 
-    def __init__(self, model: str | None = None, **kwargs) -> None:
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
+    def __init__(self, model: str | None = None, *, proposer=None, **kwargs) -> None:
+        """kwargs: EngineConfig fields. `proposer`: speculative proposals from outside the
+        engine (e.g. `raysvc.cluster.draft_pool.DraftPoolProposer`), with a
+        `speculative_config` that says how many."""
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs), proposer)
         self._ids = itertools.count()
 
     @property

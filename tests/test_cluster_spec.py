@@ -138,3 +138,39 @@ def test_killed_draft_actor_loses_nothing_and_comes_back(cluster, expected):
             break
         assert time.monotonic() < deadline, row
     assert row["kv_blocks_free"] == row["kv_blocks_total"]
+
+
+def test_spec_counters_grow_by_each_reports_increase():
+    """Load reports carry cumulative counts; Prometheus counters get the differences,
+    and a restarted worker (counts back to small numbers) is not read as negative."""
+    from raysvc.cluster.metrics import ClusterMetrics
+    from raysvc.cluster.protocol import WorkerLoad
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def inc(self, value, tags):
+            self.calls.append((value, tags.get("position")))
+
+        def set(self, value, tags):
+            pass
+
+    m = ClusterMetrics()
+    for name in ("running", "waiting", "kv_usage", "preemptions", "spec_drafts",
+                 "spec_draft_tokens", "spec_accepted", "spec_accepted_per_pos"):
+        setattr(m, name, Recorder())
+    first = WorkerLoad(spec_num_drafts=10, spec_draft_tokens=40, spec_accepted_tokens=25,
+                       spec_accepted_tokens_per_position=[9, 7, 5, 4])
+    second = WorkerLoad(spec_num_drafts=12, spec_draft_tokens=48, spec_accepted_tokens=25,
+                        spec_accepted_tokens_per_position=[10, 7, 5, 4])
+    restarted = WorkerLoad(spec_num_drafts=3, spec_draft_tokens=12, spec_accepted_tokens=6,
+                           spec_accepted_tokens_per_position=[3, 2, 1, 0])
+    m.worker("w", first)
+    m.worker("w", second, previous=first)
+    m.worker("w", restarted, previous=second)
+    assert m.spec_drafts.calls == [(10, None), (2, None), (3, None)]
+    assert m.spec_draft_tokens.calls == [(40, None), (8, None), (12, None)]
+    assert m.spec_accepted.calls == [(25, None), (6, None)]  # no increase: nothing recorded
+    assert m.spec_accepted_per_pos.calls == [(9, "0"), (7, "1"), (5, "2"), (4, "3"), (1, "0"),
+                                             (3, "0"), (2, "1"), (1, "2")]

@@ -1,11 +1,15 @@
 """Speculative decoding benchmark on the built-in pair: tokens/s with and without.
 
-    python -m raysvc.bench.spec
+    python -m raysvc.bench.spec            (or: raysvc bench spec)
 
 One run, one process: for batch sizes 1, 16 and 64, plain decoding, then each proposer
-(draft model in process, n-gram lookup), adaptive (the default: k and on/off chosen from
-measured costs) and with a fixed k. Prints output tokens/s, the ratio to plain decoding,
-the acceptance rate and the mean accepted length, and whether greedy outputs agree.
+(draft model in process, draft model in a Ray actor pool, n-gram lookup), adaptive (the
+default: k and on/off chosen from measured costs) and with a fixed k. Prints output
+tokens/s, the ratio to plain decoding, the acceptance rate, the mean accepted length and
+the acceptance per position, and whether greedy outputs agree.
+
+The actor pool runs one draft actor on a local Ray (started here, `--pool-threads` torch
+threads): the same draft engine as in process, plus one Ray call per step.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ PROMPTS = ["The list type", "A dictionary", "The while statement", "Exceptions a
            "The import system", "def f(x):", "Strings are", "The for statement"]
 
 
-def run(batch: int, max_tokens: int, spec: dict | None, dtype: str):
+def run(batch: int, max_tokens: int, spec: dict | None, dtype: str, proposer=None):
     from raysvc import LLM, SamplingParams
 
-    llm = LLM(dtype=dtype, speculative_config=spec, max_num_seqs=max(batch, 1))
+    llm = LLM(dtype=dtype, speculative_config=spec, max_num_seqs=max(batch, 1),
+              proposer=proposer)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     # warm-up at the measured batch: compiles (GPU) and the controller's first estimates
@@ -34,37 +39,64 @@ def run(batch: int, max_tokens: int, spec: dict | None, dtype: str):
     return batch * max_tokens / elapsed, [o.outputs[0].token_ids for o in outs], llm.stats()
 
 
+def start_pool(dtype: str, threads: int) -> list:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from raysvc.cluster.draft_pool import start_draft_pool
+
+    ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False,
+             logging_level="warning", log_to_driver=False)
+    return start_draft_pool(1, dtype=dtype, num_cpus=1, num_threads=threads)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="raysvc bench spec", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="auto: the models' own (bfloat16)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--pool-threads", type=int, default=1)
+    parser.add_argument("--no-pool", action="store_true", help="skip the actor-pool rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    draft = {"method": "draft_model", "num_speculative_tokens": args.k}
+    ngram = {"method": "ngram", "num_speculative_tokens": args.k}
+    fixed = {"adaptive": False}
     variants = [
-        ("draft model, adaptive", {"method": "draft_model", "num_speculative_tokens": args.k}),
-        (f"draft model, k={args.k} fixed",
-         {"method": "draft_model", "num_speculative_tokens": args.k, "adaptive": False}),
-        ("n-gram, adaptive", {"method": "ngram", "num_speculative_tokens": args.k}),
-        (f"n-gram, k={args.k} fixed",
-         {"method": "ngram", "num_speculative_tokens": args.k, "adaptive": False}),
+        ("draft model, adaptive", draft, False),
+        (f"draft model, k={args.k} fixed", {**draft, **fixed}, False),
+        ("draft actor pool, adaptive", draft, True),
+        (f"draft actor pool, k={args.k} fixed", {**draft, **fixed}, True),
+        ("n-gram, adaptive", ngram, False),
+        (f"n-gram, k={args.k} fixed", {**ngram, **fixed}, False),
     ]
-    print(f"built-in tiny (target) + tiny-draft, {args.dtype}, greedy, {args.max_tokens} "
+    if args.no_pool:
+        variants = [v for v in variants if not v[2]]
+    actors = start_pool(args.dtype, args.pool_threads) if not args.no_pool else []
+    print(f"built-in tiny (target) + tiny-draft, dtype {args.dtype}, greedy, {args.max_tokens} "
           f"output tokens per request, {args.threads} threads")
     print("\n| batch | decoding | output tok/s | vs plain | acceptance | mean accepted length "
-          "| final k | greedy = plain |")
-    print("|---:|---|---:|---:|---:|---:|---:|---|")
+          "| acceptance per position | final k | greedy = plain |")
+    print("|---:|---|---:|---:|---:|---:|---|---:|---|")
     for batch in args.batches:
         base_tps, base_out, _ = run(batch, args.max_tokens, None, args.dtype)
-        print(f"| {batch} | plain | {base_tps:.0f} | 1.00x | - | - | - | - |", flush=True)
-        for name, spec in variants:
-            tps, out, st = run(batch, args.max_tokens, spec, args.dtype)
+        print(f"| {batch} | plain | {base_tps:.0f} | 1.00x | - | - | - | - | - |", flush=True)
+        for name, spec, pool in variants:
+            proposer = None
+            if pool:
+                from raysvc.cluster.draft_pool import DraftPoolProposer
+
+                proposer = DraftPoolProposer(actors, timeout_s=60)
+            tps, out, st = run(batch, args.max_tokens, spec, args.dtype, proposer)
+            per_pos = " ".join("-" if a is None else f"{a:.2f}"
+                               for a in st["spec_acceptance_per_position"])
             print(f"| {batch} | {name} | {tps:.0f} | {tps / base_tps:.2f}x "
                   f"| {st['spec_acceptance_rate']:.2f} | {st['spec_mean_accepted_length']:.2f} "
-                  f"| {st['spec_num_speculative_tokens']} | {out == base_out} |", flush=True)
+                  f"| {per_pos} | {st['spec_num_speculative_tokens']} | {out == base_out} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

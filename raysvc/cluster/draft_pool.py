@@ -51,7 +51,7 @@ class DraftActor:
     def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto",
                  block_size: int = 16, max_model_len: int = 4096, capacity_tokens: int = 65536,
                  num_threads: int | None = None) -> None:
-        from raysvc.engine.llm_engine import resolve_device, resolve_model_path
+        from raysvc.engine.llm_engine import draft_dtype, resolve_device, resolve_model_path
         from raysvc.engine.spec.draft_model import DraftModelProposer
         from raysvc.models.attention import make_backend
         from raysvc.models.config import ModelConfig, parse_dtype
@@ -62,9 +62,9 @@ class DraftActor:
         config = ModelConfig.from_dir(path)
         dev = resolve_device(device)
         max_len = min(max_model_len, config.max_position_embeddings)
-        self.proposer = DraftModelProposer(path, parse_dtype(dtype, config.dtype), dev,
-                                           make_backend("auto", dev), block_size, max_len,
-                                           capacity_tokens, config.vocab_size)
+        dt = draft_dtype(parse_dtype(dtype, config.dtype), dev)
+        self.proposer = DraftModelProposer(path, dt, dev, make_backend("auto", dev), block_size,
+                                           max_len, capacity_tokens, config.vocab_size)
         self.vocab_size = config.vocab_size
         self.seqs: dict[str, Sequence] = {}  # key -> the target sequence as seen here
         self._ids = itertools.count()
