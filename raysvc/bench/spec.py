@@ -24,11 +24,12 @@ PROMPTS = ["The list type", "A dictionary", "The while statement", "Exceptions a
            "The import system", "def f(x):", "Strings are", "The for statement"]
 
 
-def run(batch: int, max_tokens: int, spec: dict | None, dtype: str, proposer=None):
+def run(batch: int, max_tokens: int, spec: dict | None, dtype: str, proposer=None,
+        **engine_kwargs):
     from raysvc import LLM, SamplingParams
 
     llm = LLM(dtype=dtype, speculative_config=spec, max_num_seqs=max(batch, 1),
-              proposer=proposer)
+              proposer=proposer, **engine_kwargs)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     # warm-up at the measured batch: compiles (GPU) and the controller's first estimates
@@ -65,14 +66,17 @@ def main(argv: list[str] | None = None) -> None:
     draft = {"method": "draft_model", "num_speculative_tokens": args.k}
     ngram = {"method": "ngram", "num_speculative_tokens": args.k}
     fixed = {"adaptive": False}
-    variants = [
-        ("draft model, adaptive", draft, False),
-        (f"draft model, k={args.k} fixed", {**draft, **fixed}, False),
-        ("draft actor pool, adaptive", draft, True),
-        (f"draft actor pool, k={args.k} fixed", {**draft, **fixed}, True),
-        ("n-gram, adaptive", ngram, False),
-        (f"n-gram, k={args.k} fixed", {**ngram, **fixed}, False),
+    variants = [  # name, speculative_config, actor pool?, engine kwargs
+        ("draft model, adaptive", draft, False, {}),
+        (f"draft model, k={args.k} fixed", {**draft, **fixed}, False, {}),
+        ("draft actor pool, adaptive", draft, True, {}),
+        (f"draft actor pool, k={args.k} fixed", {**draft, **fixed}, True, {}),
+        ("n-gram, adaptive", ngram, False, {}),
+        (f"n-gram, k={args.k} fixed", {**ngram, **fixed}, False, {}),
     ]
+    if torch.cuda.is_available():  # what the draft's CUDA graphs save
+        variants.insert(2, (f"draft model, k={args.k} fixed, no CUDA graphs",
+                            {**draft, **fixed}, False, {"enforce_eager": True}))
     if args.no_pool:
         variants = [v for v in variants if not v[2]]
     actors = start_pool(args.dtype, args.pool_threads) if not args.no_pool else []
@@ -84,13 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     for batch in args.batches:
         base_tps, base_out, _ = run(batch, args.max_tokens, None, args.dtype)
         print(f"| {batch} | plain | {base_tps:.0f} | 1.00x | - | - | - | - | - |", flush=True)
-        for name, spec, pool in variants:
+        for name, spec, pool, engine_kwargs in variants:
             proposer = None
             if pool:
                 from raysvc.cluster.draft_pool import DraftPoolProposer
 
                 proposer = DraftPoolProposer(actors, timeout_s=60)
-            tps, out, st = run(batch, args.max_tokens, spec, args.dtype, proposer)
+            tps, out, st = run(batch, args.max_tokens, spec, args.dtype, proposer,
+                               **engine_kwargs)
             per_pos = " ".join("-" if a is None else f"{a:.2f}"
                                for a in st["spec_acceptance_per_position"])
             print(f"| {batch} | {name} | {tps:.0f} | {tps / base_tps:.2f}x "

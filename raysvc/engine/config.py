@@ -27,6 +27,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # {"method": "draft_model" | "ngram", "model": PATH, "num_speculative_tokens": k, ...}
     speculative_config: dict | None = None
+    # No CUDA graphs (they replay the draft model's decode rounds on CUDA): for debugging
+    # and for measuring what the graphs save.
+    enforce_eager: bool = False
     seed: int = 0
 
     @classmethod

@@ -385,6 +385,7 @@ def build_speculative_decoder(raw: dict | None, engine: LLMEngine, proposer=None
         engine.runner.backend, ec.block_size, engine.max_model_len,
         capacity_tokens=min(ec.max_num_seqs, 64) * (engine.max_model_len + 16),
         target_vocab=engine.model_config.vocab_size,
+        max_graph_seqs=0 if ec.enforce_eager else min(ec.max_num_seqs, 128),
     )
     return SpeculativeDecoder(config, proposer)
 

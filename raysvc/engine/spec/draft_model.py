@@ -5,6 +5,8 @@ model runner, sampler) on its own pool. Each target sequence has a mirror here; 
 proposing, the mirror is cut back to the longest prefix it shares with the target's
 tokens (rolling back the KV of rejected proposals), catches up on the tokens it has not
 seen, and then drafts k tokens one forward pass at a time, for all sequences together.
+On CUDA the rounds after the first (one token per sequence) replay CUDA graphs
+(`raysvc.engine.decode_graphs`): a small draft's round is bound by kernel launches.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import torch
 
 from raysvc.engine.block_manager import BlockManager, cdiv
+from raysvc.engine.decode_graphs import DecodeGraphs
 from raysvc.engine.kv_cache import KVCache
 from raysvc.engine.model_runner import ModelRunner, warm_up
 from raysvc.engine.sampler import Sampler
@@ -30,7 +33,9 @@ logger = logging.getLogger(__name__)
 
 class DraftModelProposer:
     def __init__(self, path, dtype: torch.dtype, device: torch.device, backend: AttentionBackend,
-                 block_size: int, max_len: int, capacity_tokens: int, target_vocab: int) -> None:
+                 block_size: int, max_len: int, capacity_tokens: int, target_vocab: int,
+                 max_graph_seqs: int = 128) -> None:
+        """`max_graph_seqs`: the largest batch a CUDA graph covers (0: none, always eager)."""
         self.config = ModelConfig.from_dir(path)
         if self.config.vocab_size != target_vocab:
             raise ValueError(f"speculative_config.model: the draft's vocab_size "
@@ -41,8 +46,12 @@ class DraftModelProposer:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(model, KVCache(self.config, num_blocks, block_size, dtype,
                                                  device), backend)
+        self.graphs: DecodeGraphs | None = None
         if backend.name == "triton" and device.type == "cuda":
             warm_up(self.runner, self.block_manager, min(capacity_tokens, max_len, 1024))
+        if backend.name == "triton" and device.type == "cuda" and max_graph_seqs > 0:
+            self.graphs = DecodeGraphs(model, self.runner.kv_cache, backend, max_graph_seqs,
+                                       cdiv(max_len, block_size) + 1, capture=True)
         self.sampler = Sampler(self.config.vocab_size, device)
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> draft-side sequence
 
@@ -60,7 +69,10 @@ class DraftModelProposer:
             batch = SchedulerOutput([ScheduledSeq(m, m.num_tokens - m.num_computed_tokens)
                                      for _, m in active])
             last = list(itertools.accumulate(item.num_tokens for item in batch.scheduled))
-            logits = self.runner.execute(batch, [end - 1 for end in last])
+            if self.graphs is not None and self.graphs.fits(batch):
+                logits = self.graphs.execute(batch)
+            else:
+                logits = self.runner.execute(batch, [end - 1 for end in last])
             for item in batch.scheduled:
                 item.seq.num_computed_tokens += item.num_tokens
             mirrors = [m for _, m in active]
