@@ -15,6 +15,8 @@ from raysvc.engine.spec.rejection import verify_greedy, verify_sampled
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 PROMPTS = ["The list type", "A dictionary is a", "def f(x):\n    return", "The while"]
+# explicit pools: on a GPU the default (90% of its memory) leaves nothing for the next LLM
+KV_BLOCKS = 512
 
 
 def chi2_critical(df: int, z: float = 3.09) -> float:
@@ -36,7 +38,7 @@ def chi2_ok(counts: torch.Tensor, probs: torch.Tensor) -> tuple[bool, float, flo
 
 @pytest.fixture(scope="module")
 def base():
-    return LLM(dtype="float32")
+    return LLM(dtype="float32", num_kv_blocks=KV_BLOCKS)
 
 
 @pytest.mark.parametrize("spec", [
@@ -46,7 +48,8 @@ def base():
 ])
 def test_greedy_identical_on_builtin_pair(base, spec):
     expected = [o.outputs[0].token_ids for o in base.generate(PROMPTS, GREEDY)]
-    llm = LLM(dtype="float32", speculative_config=spec, max_num_batched_tokens=64)
+    llm = LLM(dtype="float32", speculative_config=spec, max_num_batched_tokens=64,
+              num_kv_blocks=KV_BLOCKS)
     outs = llm.generate(PROMPTS, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == expected
     stats = llm.stats()
@@ -61,7 +64,7 @@ def test_greedy_identical_with_unrelated_draft(make_checkpoint):
     target, _ = make_checkpoint("llama", seed=0)
     draft, _ = make_checkpoint("llama", seed=1)
     prompts = [[5, 6, 7], list(range(3, 40)), [9] * 17]
-    expected = LLM(target).generate(prompts, GREEDY)
+    expected = LLM(target, num_kv_blocks=KV_BLOCKS).generate(prompts, GREEDY)
     llm = LLM(target, speculative_config={"method": "draft_model", "model": draft,
                                           "num_speculative_tokens": 3, "adaptive": False},
               num_kv_blocks=12, block_size=8)
@@ -81,7 +84,7 @@ def test_sampled_distribution_matches_target(make_checkpoint):
     params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
     llm = LLM(target, speculative_config={"method": "draft_model", "model": draft,
                                           "num_speculative_tokens": 2, "adaptive": False},
-              max_num_seqs=512)
+              max_num_seqs=512, num_kv_blocks=4096)
     outs = llm.generate([prompt] * 3000, params)
     tokens = torch.tensor([o.outputs[0].token_ids for o in outs])
     assert llm.stats()["spec_draft_tokens"] > 0
@@ -140,7 +143,8 @@ def test_ngram_lookup():
 
 def test_abort_while_speculating_frees_everything():
     llm = LLM(dtype="float32", speculative_config={"method": "draft_model",
-                                                  "num_speculative_tokens": 3, "adaptive": False})
+                                                  "num_speculative_tokens": 3, "adaptive": False},
+              num_kv_blocks=KV_BLOCKS)
     engine = llm.engine
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.8, max_tokens=60,
@@ -161,8 +165,10 @@ def test_seeded_speculative_sampling_is_reproducible():
     spec = {"method": "draft_model", "num_speculative_tokens": 3, "adaptive": False}
     params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=30, seed=42,
                             ignore_eos=True)
-    a = LLM(dtype="float32", speculative_config=spec).generate(PROMPTS[:1], params)
-    b = LLM(dtype="float32", speculative_config=spec).generate(PROMPTS, params)
+    a = LLM(dtype="float32", speculative_config=spec,
+            num_kv_blocks=KV_BLOCKS).generate(PROMPTS[:1], params)
+    b = LLM(dtype="float32", speculative_config=spec,
+            num_kv_blocks=KV_BLOCKS).generate(PROMPTS, params)
     assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
 
 

@@ -5,19 +5,37 @@ from __future__ import annotations
 
 import pytest
 
-from raysvc.engine.spec.controller import PROBE_EVERY, LinearCost, SpecController
+from raysvc.engine.spec.controller import PROBE_EVERY, SpecController, StepCost
 
 
-def test_linear_cost_recovers_a_line():
-    cost = LinearCost()
-    for x in [1, 5, 9, 2, 17, 33, 4]:
-        cost.observe(x, 0.002 + 0.0001 * x)
+def test_step_cost_follows_flat_then_linear_and_extrapolates():
+    cost = StepCost()
+    # launch-bound up to 64 tokens (1 ms), then 20 µs per token beyond
+    def secs(x):
+        return 1e-3 + 2e-5 * max(x - 64, 0)
+
+    for x in [1, 4, 16, 64, 128, 512, 16, 4]:
+        cost.observe(x, secs(x))
     assert cost.ready
-    assert cost.predict(100) == pytest.approx(0.002 + 0.01, rel=1e-6)
-    one_x = LinearCost()
+    for x in [2, 16, 40, 64, 300, 512]:
+        assert cost.predict(x) == pytest.approx(secs(x), rel=1e-6), x
+    assert cost.predict(2048) == pytest.approx(secs(2048), rel=1e-6)  # past the last class
+    one = StepCost()
     for _ in range(3):
-        one_x.observe(4, 0.004)
-    assert one_x.predict(8) == pytest.approx(0.008)  # one x only: proportional
+        one.observe(4, 0.004)
+    assert one.predict(8) == pytest.approx(0.008)  # one size seen: in proportion
+    assert one.predict(8, shape=cost) == pytest.approx(0.004)  # ... or shaped like another
+
+
+def test_step_cost_forgets_per_size_class():
+    cost = StepCost(decay=0.5)
+    for _ in range(20):
+        cost.observe(16, 1.0)
+    cost.observe(64, 2.0)
+    for _ in range(20):
+        cost.observe(16, 3.0)  # the 16-class moves; the 64-class keeps its one sample
+    assert cost.predict(16) == pytest.approx(3.0, rel=1e-4)
+    assert cost.predict(64) == pytest.approx(3.0, rel=1e-4)  # non-decreasing: clamped
 
 
 def _controller(per_token: float, draft: float, acceptance: list[float], k_max: int = 4):

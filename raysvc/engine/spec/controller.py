@@ -4,16 +4,15 @@ Speculation pays only while accepted tokens outrun what they cost. k proposals y
 E(k) = 1 + a_1 + ... + a_k tokens per sequence per step, where a_i is the measured chance
 that the first i proposals are all accepted (counted per position: a draft's first guess
 is right far more often than its fourth, so one geometric rate would misjudge small k).
-They cost a target step over B·(1+k) tokens instead of B, plus k draft rounds, plus
-the verification itself (per sequence, on the host).
-Both costs are measured online as lines (time = fixed + per-token · tokens, fitted by
-exponentially decayed least squares), so the choice tracks the machine, the batch size
-and the model pair: at batch 1 a step costs about the same for 1 or 5 tokens and
-speculation wins; at a batch large enough to make the target compute-bound, the extra
-tokens cost full price and k drops to 0 (off). While off, a probe step with the largest
-k every `PROBE_EVERY` steps keeps the acceptance and the draft cost fresh; exploration
-(before the costs are known) and probes speculate on at most `PROBE_SEQS` sequences, so
-finding out that speculation does not pay costs little.
+They cost a target step over B·(1+k) tokens instead of B, plus k draft rounds, plus the
+verification itself (per sequence, on the host). All costs are measured online as curves
+over the step's size (`StepCost`), so the choice tracks the machine, the batch size and
+the model pair: where a step costs about the same for 1 or 5 tokens per sequence (a GPU
+at small batches) speculation wins; where the target is compute-bound (large batches, or
+a CPU), the extra tokens cost full price and k drops to 0 (off). While off, a probe step
+with the largest k every `PROBE_EVERY` steps keeps the acceptance and the costs fresh;
+exploration (before the costs are known) and probes speculate on at most `PROBE_SEQS`
+sequences, so finding out that speculation does not pay costs little.
 """
 
 from __future__ import annotations
@@ -22,32 +21,52 @@ PROBE_EVERY = 50
 PROBE_SEQS = 4  # exploring and probing speculate on this many sequences only: cheap
 
 
-class LinearCost:
-    """time ≈ fixed + slope · x, from decayed sums (recent steps weigh most)."""
+class StepCost:
+    """Seconds a step takes as a function of its size x (tokens, or sequences): piecewise
+    linear through the recent mean of each size class (powers of two), non-decreasing.
 
-    def __init__(self, decay: float = 0.95) -> None:
+    One line fitted over all steps cannot describe both regimes a step lives in: flat
+    while the device waits on launches or weight reads, linear once it computes; and while
+    speculation is off, the sizes it would need are never seen, so the curve is
+    extrapolated from the nearest observed sizes. Each size class forgets at its own pace
+    (`decay` per observation of that class), so rare sizes keep their last estimate.
+    """
+
+    def __init__(self, decay: float = 0.9) -> None:
         self.decay = decay
-        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.count = 0
+        self.classes: dict[int, list[float]] = {}  # size class -> [weight, sum x, sum secs]
 
     def observe(self, x: float, seconds: float) -> None:
+        c = self.classes.setdefault(max(int(x), 1).bit_length(), [0.0, 0.0, 0.0])
         d = self.decay
-        self.n = self.n * d + 1
-        self.sx = self.sx * d + x
-        self.sy = self.sy * d + seconds
-        self.sxx = self.sxx * d + x * x
-        self.sxy = self.sxy * d + x * seconds
+        c[0], c[1], c[2] = c[0] * d + 1, c[1] * d + x, c[2] * d + seconds
+        self.count += 1
 
     @property
     def ready(self) -> bool:
-        return self.n >= 3
+        return self.count >= 3
 
-    def predict(self, x: float) -> float:
-        det = self.n * self.sxx - self.sx * self.sx
-        if det <= 1e-9 * max(self.n * self.sxx, 1e-30):  # one x seen so far: proportional
-            return self.sy / max(self.sx, 1e-9) * x
-        slope = max((self.n * self.sxy - self.sx * self.sy) / det, 0.0)
-        fixed = max((self.sy - slope * self.sx) / self.n, 0.0)
-        return fixed + slope * x
+    def points(self) -> list[tuple[float, float]]:
+        return [(sx / w, sy / w) for _, (w, sx, sy) in sorted(self.classes.items())]
+
+    def predict(self, x: float, shape: StepCost | None = None) -> float:
+        """With one size class seen so far: scaled like `shape` if given, else in
+        proportion to x (the pessimistic guess)."""
+        pts = self.points()
+        if not pts:
+            return 0.0
+        if len(pts) == 1:
+            x0, y0 = pts[0]
+            if shape is not None and len(shape.points()) > 1:
+                return y0 * shape.predict(x) / max(shape.predict(x0), 1e-12)
+            return y0 * x / max(x0, 1e-12)
+        i = 1
+        while i < len(pts) - 1 and x > pts[i][0]:
+            i += 1
+        (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        slope = max((y1 - y0) / max(x1 - x0, 1e-12), 0.0)
+        return max(y0 + slope * (x - x0), 0.0)
 
 
 class SpecController:
@@ -55,9 +74,9 @@ class SpecController:
         self.k_max = k_max
         self.adaptive = adaptive
         self.disable_by_batch_size = disable_by_batch_size
-        self.target = LinearCost()  # one engine step vs tokens in it
-        self.draft = LinearCost()  # one draft round vs sequences in it
-        self.verify = LinearCost()  # verifying and appending vs speculating sequences
+        self.target = StepCost()  # one engine step vs tokens in it
+        self.draft = StepCost()  # one draft round vs sequences in it
+        self.verify = StepCost()  # verifying and appending vs speculating sequences
         # decayed counts per position i: proposals drafted there, and accepted up to there
         self.drafted = [0.0] * k_max
         self.accepted = [0.0] * k_max
@@ -103,8 +122,11 @@ class SpecController:
         expected = 1.0
         for k, a in enumerate(self.acceptance(), start=1):
             expected += a
+            # a draft round is a decode step too: until seen at this batch size, its cost
+            # scales like the target's
             time = self.target.predict(other_tokens + num_seqs * (1 + k)) + \
-                k * self.draft.predict(num_seqs) + self.verify.predict(num_seqs)
+                k * self.draft.predict(num_seqs, shape=self.target) + \
+                self.verify.predict(num_seqs)
             if num_seqs * expected / time > best_rate:
                 best_k, best_rate = k, num_seqs * expected / time
         if best_k == 0:
