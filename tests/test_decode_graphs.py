@@ -1,14 +1,15 @@
-"""Decode graphs: the static-buffer decode step equals the plain model runner's.
+"""Step graphs: the static-buffer decode and verification steps equal the plain runner's.
 
 On CPU the buffers run eagerly (padding rows, block tables, slots: the logic a graph
-replays); on CUDA the captured graphs replay it, and speculative greedy output with the
-graphed draft equals plain decoding.
+replays), also driven by the engine itself; on CUDA the captured graphs replay it, and
+greedy output with graphs (plain and speculative) equals the eager engine's.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_no_leaks
 
 from raysvc.engine.config import EngineConfig
 from raysvc.engine.decode_graphs import DecodeGraphs
@@ -60,32 +61,87 @@ def test_static_buffers_equal_the_plain_runner(make_checkpoint, lengths):
     assert not graphs.fits(SchedulerOutput([ScheduledSeq(seqs[0], 2)]))
 
 
+def test_verification_shapes_equal_the_plain_runner(make_checkpoint):
+    """q = k + 1 tokens per sequence: the last known token plus k proposals."""
+    path, _ = make_checkpoint("llama")
+    engine = LLMEngine(EngineConfig(model=path, dtype="float32", num_kv_blocks=64,
+                                    block_size=8))
+    r = engine.runner
+    graphs = DecodeGraphs(r.model, r.kv_cache, r.backend, max_seqs=4, max_blocks_per_seq=8,
+                          capture=False, query_lens=(1, 4))
+    seqs = _decoding_seqs(engine, [6, 15, 1])
+    for i, s in enumerate(seqs):
+        s.spec_token_ids = [20 + i, 30 + i, 40 + i]
+        engine.block_manager.allocate(s, 4)
+    batch = SchedulerOutput([ScheduledSeq(s, 4) for s in seqs])
+    assert graphs.fits(batch)
+    assert not graphs.fits(SchedulerOutput([ScheduledSeq(s, 3) for s in seqs]))  # no q=3
+    expected = r.execute(batch, list(range(12)))
+    torch.testing.assert_close(graphs.execute(batch), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [None, {"method": "draft_model", "num_speculative_tokens": 3,
+                                         "adaptive": False}])
+def test_engine_steps_through_the_buffers_keep_greedy_output(spec):
+    """The engine's own use of the graphs (the runner picks them for uniform steps and
+    selects the rows it needs), run eagerly on CPU: greedy output unchanged."""
+    from raysvc import LLM
+
+    prompts = ["The list type", "A dictionary is a", "def f(x):", "The while statement",
+               "Exceptions are"]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = LLM(dtype="float32").generate(prompts, params)
+    llm = LLM(dtype="float32", speculative_config=spec, max_num_seqs=4)
+    r = llm.engine.runner
+    r.graphs = DecodeGraphs(r.model, r.kv_cache, r.backend, max_seqs=4, max_blocks_per_seq=8,
+                            capture=False, query_lens=(1, 2, 3, 4))
+    used = []
+    run = r.graphs.execute
+    r.graphs.execute = lambda batch: used.append(batch.scheduled[0].num_tokens) or run(batch)
+    out = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in expected]
+    # plain: decode steps (q = 1); fixed k = 3: verification steps (q = 4)
+    assert (1 if spec is None else 4) in used, f"no uniform step used the buffers: {used}"
+    assert_no_leaks(llm.engine)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_captured_graphs_equal_the_plain_runner(make_checkpoint):
     path, _ = make_checkpoint("llama")
     engine = LLMEngine(EngineConfig(model=path, dtype="float32", device="cuda",
-                                    num_kv_blocks=64, block_size=16))
+                                    num_kv_blocks=64, block_size=16, enforce_eager=True))
     r = engine.runner
     graphs = DecodeGraphs(r.model, r.kv_cache, r.backend, max_seqs=8, max_blocks_per_seq=8,
-                          capture=True)
+                          capture=True, query_lens=(1, 3))
     seqs = _decoding_seqs(engine, [3, 17, 16, 40, 1])
     batch = SchedulerOutput([ScheduledSeq(s, 1) for s in seqs])
     expected = r.execute(batch, list(range(len(seqs))))
+    torch.testing.assert_close(graphs.execute(batch), expected, rtol=1e-4, atol=1e-4)
+    for i, s in enumerate(seqs):
+        s.spec_token_ids = [20 + i, 30 + i]
+        engine.block_manager.allocate(s, 3)
+    batch = SchedulerOutput([ScheduledSeq(s, 3) for s in seqs])
+    expected = r.execute(batch, list(range(15)))
     torch.testing.assert_close(graphs.execute(batch), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_graphed_draft_keeps_greedy_output():
+@pytest.mark.parametrize("spec", [None, {"method": "draft_model", "num_speculative_tokens": 4,
+                                         "adaptive": False}])
+def test_graphed_engine_keeps_greedy_output(spec):
     from raysvc import LLM
 
-    prompts = ["The list type", "A dictionary is a", "def f(x):", "The while statement"]
+    prompts = ["The list type", "A dictionary is a", "def f(x):", "The while statement"] * 3
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    plain = LLM(dtype="float32", device="cuda").generate(prompts, params)
-    spec = LLM(dtype="float32", device="cuda", speculative_config={
-        "method": "draft_model", "num_speculative_tokens": 4, "adaptive": False})
-    assert spec.engine.spec.proposer.graphs is not None
-    out = spec.generate(prompts, params)
-    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in plain]
-    assert spec.stats()["spec_accepted_tokens"] > 0
+    eager = LLM(dtype="float32", enforce_eager=True, num_kv_blocks=512)
+    expected = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    del eager
+    llm = LLM(dtype="float32", speculative_config=spec, num_kv_blocks=512)
+    assert llm.engine.runner.graphs is not None
+    if spec is not None:
+        assert llm.engine.spec.proposer.runner.graphs is not None
+    out = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in out] == expected
+    assert_no_leaks(llm.engine)

@@ -91,3 +91,12 @@ def test_fixed_and_disabled():
     assert fixed.choose_k(8, 0) == 0  # disable_by_batch_size
     unknown = SpecController(3, adaptive=True, disable_by_batch_size=None)
     assert unknown.choose_k(2, 0) == 3 and unknown.exploring  # costs not measured yet
+
+
+def test_step_cost_below_the_smallest_size_stays_positive():
+    cost = StepCost()
+    cost.observe(10, 1.0)
+    cost.observe(20, 3.0)  # steep: the line through both reaches 0 at x = 5
+    assert cost.predict(2) == pytest.approx(0.2)  # proportional floor
+    assert cost.predict(8) == pytest.approx(0.8)
+    assert cost.predict(15) == pytest.approx(2.0)

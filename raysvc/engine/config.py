@@ -27,8 +27,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # {"method": "draft_model" | "ngram", "model": PATH, "num_speculative_tokens": k, ...}
     speculative_config: dict | None = None
-    # No CUDA graphs (they replay the draft model's decode rounds on CUDA): for debugging
-    # and for measuring what the graphs save.
+    # No CUDA graphs (on CUDA they replay decode and verification steps, and the draft
+    # model's rounds): for debugging and for measuring what the graphs save.
     enforce_eager: bool = False
     seed: int = 0
 

@@ -1,15 +1,17 @@
-"""CUDA graphs of a decode step: one captured forward per padded batch size.
+"""CUDA graphs of uniform steps: one captured forward per (query length, padded batch size).
 
-A small model's decode step is bound by the host, not the GPU: each layer launches a few
-dozen kernels, each dispatched from Python (the built-in draft: ~1.3 ms per round on an
-H200 for ~50 µs of GPU work). Replaying a captured graph launches them all at once. The
-draft model's rounds are where this pays first: the same sequences decode k times in a
-row, one token each, so every round after the first has the shape a graph needs.
+A decode step of a model this size is bound by the host, not the GPU: each layer launches
+a few dozen kernels, each dispatched from Python (the built-in target: ~5 ms per step on
+an H200 for well under 1 ms of GPU work). Replaying a captured graph launches them all
+at once. Graphs cover the steps whose every sequence brings the same number of new
+tokens: plain decoding (1), and speculative verification with k proposals each (k + 1);
+the draft model's rounds after its first are decode steps too. Any other step (prefill
+chunks, mixed batches, block copies) runs eagerly.
 
 A graph replays fixed tensors, so a step's inputs are copied into static buffers sized
 for the largest batch; a batch of b sequences runs the graph of the smallest captured
-size >= b, its padding rows writing nowhere (slot -1) and attending to one slot. The
-attention is the unified Triton kernel (its launch grid depends on the batch shape
+size >= b, its padding rows writing nowhere (slot -1) and attending only to themselves.
+The attention is the unified Triton kernel (its launch grid depends on the batch shape
 alone; the split-KV choice would depend on lengths known only at replay).
 
 Without CUDA (`capture=False`) the same buffers run the forward eagerly: the CPU tests
@@ -18,14 +20,21 @@ check the padding and buffer logic against the plain path.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from raysvc.engine.block_manager import cdiv
 from raysvc.engine.kv_cache import KVCache
 from raysvc.engine.scheduler import SchedulerOutput
 from raysvc.models.attention import AttentionBackend, AttentionMetadata, TritonAttention
 from raysvc.models.llama import LlamaModel
 
+logger = logging.getLogger(__name__)
+
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MAX_VERIFY_SEQS = 64  # verification graphs (query length > 1) up to this batch size: larger
+# batches rarely speculate, and their logits (seqs x (k+1) x vocab) would hold much memory
 
 
 class UnifiedTritonAttention(TritonAttention):
@@ -38,90 +47,120 @@ class UnifiedTritonAttention(TritonAttention):
         out = torch.empty_like(q)
         return launch_unified(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
                               meta.seq_lens, scale, out,
-                              unified_config(1, gqa, q.shape[2], q.dtype))
+                              unified_config(meta.max_query_len, gqa, q.shape[2], q.dtype))
 
 
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, backend: AttentionBackend,
-                 max_seqs: int, max_blocks_per_seq: int, capture: bool) -> None:
+                 max_seqs: int, max_blocks_per_seq: int, capture: bool,
+                 query_lens: tuple[int, ...] = (1,)) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.sizes = [b for b in BATCH_SIZES if b < max_seqs] + [max_seqs]
         self.max_seqs = max_seqs
+        self.query_lens = tuple(sorted(set(query_lens)))
         self.capture = capture
         self.backend = UnifiedTritonAttention() if capture else backend
-        n, dev = max_seqs, model.device
+        n, dev = max_seqs * max(self.query_lens), model.device
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=dev)
-        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32,
+                                        device=dev)
+        self.seq_lens = torch.ones(max_seqs, dtype=torch.int32, device=dev)
+        self.query_start_loc = {q: torch.arange(0, (max_seqs + 1) * q, q, dtype=torch.int32,
+                                                device=dev) for q in self.query_lens}
+        self.shapes = {(q, b) for q in self.query_lens for b in self.sizes
+                       if q == 1 or b <= MAX_VERIFY_SEQS}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
         if capture:
             self._capture_all()
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, q: int, b: int) -> torch.Tensor:
         meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
-            query_start_loc=self.query_start_loc[: b + 1], seq_lens=self.seq_lens[:b],
-            max_query_len=1, max_seq_len=self.block_tables.shape[1] * self.block_size,
+            slot_mapping=self.slot_mapping[: b * q], block_tables=self.block_tables[:b],
+            query_start_loc=self.query_start_loc[q][: b + 1], seq_lens=self.seq_lens[:b],
+            max_query_len=q, max_seq_len=self.block_tables.shape[1] * self.block_size,
             block_size=self.block_size)
         self.backend.prepare(meta)
-        hidden = self.model.forward(self.input_ids[:b], self.positions[:b], self.kv_cache.layers,
-                                    meta, self.backend)
+        hidden = self.model.forward(self.input_ids[: b * q], self.positions[: b * q],
+                                    self.kv_cache.layers, meta, self.backend)
         return self.model.compute_logits(hidden)
 
     def _capture_all(self) -> None:
         pool = None
-        for b in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
+        # largest first: the smaller graphs then fit in the memory pool it leaves
+        for q, b in sorted(self.shapes, key=lambda s: s[0] * s[1], reverse=True):
+            self.seq_lens[:b].fill_(q)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up off the capture: compiles, allocator settles
-                    self._forward(b)
+                    self._forward(q, b)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[b] = self._forward(b)
+                self.logits[q, b] = self._forward(q, b)
             pool = graph.pool()
-            self.graphs[b] = graph
+            self.graphs[q, b] = graph
         torch.cuda.synchronize()
+        logger.info("captured %d CUDA graphs (query lengths %s, batch sizes up to %d)",
+                    len(self.graphs), self.query_lens, self.max_seqs)
 
     def fits(self, batch: SchedulerOutput) -> bool:
-        """A decode-only batch (one new token per sequence, no block copies) small enough."""
-        return (len(batch.scheduled) <= self.max_seqs and not batch.block_copies
-                and all(item.num_tokens == 1 for item in batch.scheduled))
+        """Every sequence brings the same captured number of new tokens, no block copies,
+        and the batch is small enough."""
+        items = batch.scheduled
+        if not items or len(items) > self.max_seqs or batch.block_copies:
+            return False
+        q = items[0].num_tokens
+        size = next(s for s in self.sizes if s >= len(items))
+        return (q, size) in self.shapes and all(item.num_tokens == q for item in items)
 
     def execute(self, batch: SchedulerOutput) -> torch.Tensor:
-        """Logits [num_seqs, vocab] of a batch that `fits`, one row per sequence."""
-        b = len(batch.scheduled)
+        """Logits [num_tokens, vocab] at every position of a batch that `fits`, in the
+        flat batch order (as the eager runner would compute them before selecting rows)."""
+        items = batch.scheduled
+        b, q = len(items), items[0].num_tokens
         size = next(s for s in self.sizes if s >= b)
-        bs, width = self.block_size, self.block_tables.shape[1]
-        ids, pos, slots, lens, tables = [], [], [], [], []
-        for item in batch.scheduled:
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        lens: list[int] = []
+        width = max(max(len(item.seq.block_table) for item in items), cdiv(q, bs))
+        tables: list[list[int]] = []
+        for item in items:
             seq = item.seq
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            tables.append(seq.block_table + [0] * (width - len(seq.block_table)))
-        pad = size - b
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + q
+            ids += seq.token_ids[start:end]
+            if end > seq.num_tokens:  # speculative proposals ride after the known tokens
+                ids += seq.spec_token_ids[: end - seq.num_tokens]
+            pos += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            lens.append(end)
+            tables.append(table + [0] * (width - len(table)))
+        pad = (size - b) * q
+        ids += [0] * pad
+        pos += list(range(q)) * (size - b)
+        slots += [-1] * pad
+        lens += [q] * (size - b)  # a padding row attends to its own q (unwritten) slots
+        tables += [[0] * width] * (size - b)
         dev = self.input_ids.device
         # one host->device copy for the per-token values, one for the block tables
-        packed = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [-1] * pad,
-                               lens + [1] * pad], dtype=torch.long).to(dev, non_blocking=True)
-        self.input_ids[:size].copy_(packed[0])
-        self.positions[:size].copy_(packed[1])
-        self.slot_mapping[:size].copy_(packed[2])
-        self.seq_lens[:size].copy_(packed[3])
-        self.block_tables[:b].copy_(torch.tensor(tables, dtype=torch.int32).to(dev,
-                                                                               non_blocking=True))
-        self.block_tables[b:size].zero_()
+        n = size * q
+        packed = torch.tensor([ids, pos, slots], dtype=torch.long).to(dev, non_blocking=True)
+        self.input_ids[:n].copy_(packed[0])
+        self.positions[:n].copy_(packed[1])
+        self.slot_mapping[:n].copy_(packed[2])
+        self.seq_lens[:size].copy_(torch.tensor(lens, dtype=torch.int32).to(dev,
+                                                                           non_blocking=True))
+        self.block_tables[:size, :width].copy_(
+            torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True))
         if self.capture:
-            self.graphs[size].replay()
-            return self.logits[size][:b]
-        return self._forward(size)[:b]
+            self.graphs[q, size].replay()
+            return self.logits[q, size][: b * q]
+        return self._forward(q, size)[: b * q]

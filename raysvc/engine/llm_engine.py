@@ -81,6 +81,12 @@ class LLMEngine:
                     min(config.max_num_batched_tokens, self.max_model_len))
         self.sampler = Sampler(mc.vocab_size, self.device, config.seed)
         self.spec = build_speculative_decoder(config.speculative_config, self, proposer)
+        if self.runner.backend.name == "triton" and self.device.type == "cuda" and \
+                not config.enforce_eager:
+            # decode steps, and verification steps of k = 1 .. k_max proposals per sequence
+            k_max = self.spec.config.num_speculative_tokens if self.spec is not None else 0
+            self.runner.capture_graphs(min(config.max_num_seqs, 256), self.max_model_len,
+                                       tuple(range(1, k_max + 2)))
         self.requests: dict[str, Request] = {}
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0

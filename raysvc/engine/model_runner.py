@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from raysvc.engine.decode_graphs import DecodeGraphs
 from raysvc.engine.kv_cache import KVCache
 from raysvc.engine.scheduler import SchedulerOutput
 from raysvc.models.attention import AttentionBackend, AttentionMetadata
@@ -22,11 +23,23 @@ class ModelRunner:
         self.backend = backend
         self.device = model.device
         self.block_size = kv_cache.block_size
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, max_seqs: int, max_model_len: int,
+                       query_lens: tuple[int, ...] = (1,)) -> None:
+        """CUDA graphs for the uniform steps (see raysvc.engine.decode_graphs)."""
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.backend, max_seqs,
+                                   -(-max_model_len // self.block_size), capture=True,
+                                   query_lens=query_lens)
 
     def execute(self, batch: SchedulerOutput, logits_indices: list[int]) -> torch.Tensor:
         """Run one step; return logits [len(logits_indices), vocab] at the given positions
         of the flat batch (a sampling sequence's last token; a speculating one's last
-        k + 1 tokens)."""
+        k + 1 tokens). Uniform steps replay a CUDA graph when there is one."""
+        if self.graphs is not None and self.graphs.fits(batch):
+            logits = self.graphs.execute(batch)
+            every_row = len(logits_indices) == logits.shape[0] and logits_indices[0] == 0
+            return logits if every_row else logits[logits_indices]  # indices are increasing
         if batch.block_copies:
             self.kv_cache.copy_blocks(batch.block_copies)
         input_ids, positions, meta = self.prepare_inputs(batch)

@@ -66,7 +66,9 @@ class StepCost:
             i += 1
         (x0, y0), (x1, y1) = pts[i - 1], pts[i]
         slope = max((y1 - y0) / max(x1 - x0, 1e-12), 0.0)
-        return max(y0 + slope * (x - x0), 0.0)
+        if x < x0:  # below every size seen: no less than in proportion to the smallest
+            return max(y0 + slope * (x - x0), y0 * x / max(x0, 1e-12))
+        return y0 + slope * (x - x0)
 
 
 class SpecController:
@@ -118,7 +120,7 @@ class SpecController:
             self.k = self.k_max
             return self.k
         best_k = 0
-        best_rate = num_seqs / self.target.predict(other_tokens + num_seqs)
+        best_rate = num_seqs / max(self.target.predict(other_tokens + num_seqs), 1e-9)
         expected = 1.0
         for k, a in enumerate(self.acceptance(), start=1):
             expected += a
@@ -127,8 +129,9 @@ class SpecController:
             time = self.target.predict(other_tokens + num_seqs * (1 + k)) + \
                 k * self.draft.predict(num_seqs, shape=self.target) + \
                 self.verify.predict(num_seqs)
-            if num_seqs * expected / time > best_rate:
-                best_k, best_rate = k, num_seqs * expected / time
+            rate = num_seqs * expected / max(time, 1e-9)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
         if best_k == 0:
             self.steps_off += 1
             if self.steps_off % PROBE_EVERY == 0:

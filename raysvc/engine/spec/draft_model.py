@@ -17,7 +17,6 @@ import logging
 import torch
 
 from raysvc.engine.block_manager import BlockManager, cdiv
-from raysvc.engine.decode_graphs import DecodeGraphs
 from raysvc.engine.kv_cache import KVCache
 from raysvc.engine.model_runner import ModelRunner, warm_up
 from raysvc.engine.sampler import Sampler
@@ -46,12 +45,10 @@ class DraftModelProposer:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(model, KVCache(self.config, num_blocks, block_size, dtype,
                                                  device), backend)
-        self.graphs: DecodeGraphs | None = None
         if backend.name == "triton" and device.type == "cuda":
             warm_up(self.runner, self.block_manager, min(capacity_tokens, max_len, 1024))
-        if backend.name == "triton" and device.type == "cuda" and max_graph_seqs > 0:
-            self.graphs = DecodeGraphs(model, self.runner.kv_cache, backend, max_graph_seqs,
-                                       cdiv(max_len, block_size) + 1, capture=True)
+            if max_graph_seqs > 0:
+                self.runner.capture_graphs(max_graph_seqs, max_len)
         self.sampler = Sampler(self.config.vocab_size, device)
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> draft-side sequence
 
@@ -69,10 +66,7 @@ class DraftModelProposer:
             batch = SchedulerOutput([ScheduledSeq(m, m.num_tokens - m.num_computed_tokens)
                                      for _, m in active])
             last = list(itertools.accumulate(item.num_tokens for item in batch.scheduled))
-            if self.graphs is not None and self.graphs.fits(batch):
-                logits = self.graphs.execute(batch)
-            else:
-                logits = self.runner.execute(batch, [end - 1 for end in last])
+            logits = self.runner.execute(batch, [end - 1 for end in last])
             for item in batch.scheduled:
                 item.seq.num_computed_tokens += item.num_tokens
             mirrors = [m for _, m in active]
