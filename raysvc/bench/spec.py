@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         (f"n-gram, k={args.k} fixed", {**ngram, **fixed}, False, {}),
     ]
     if torch.cuda.is_available():  # what the draft's CUDA graphs save
-        variants.insert(2, (f"draft model, k={args.k} fixed, no CUDA graphs",
+        variants.insert(2, (f"draft model, k={args.k} fixed, no CUDA graphs (target or draft)",
                             {**draft, **fixed}, False, {"enforce_eager": True}))
     if args.no_pool:
         variants = [v for v in variants if not v[2]]
@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     for batch in args.batches:
         base_tps, base_out, _ = run(batch, args.max_tokens, None, args.dtype, args.repeats)
         print(f"| {batch} | plain | {base_tps:.0f} | 1.00x | - | - | - | - | - |", flush=True)
+        if torch.cuda.is_available():  # what CUDA graphs save plain decoding
+            tps, out, _ = run(batch, args.max_tokens, None, args.dtype, args.repeats,
+                              enforce_eager=True)
+            print(f"| {batch} | plain, no CUDA graphs | {tps:.0f} | {tps / base_tps:.2f}x "
+                  f"| - | - | - | - | {out == base_out} |", flush=True)
         for name, spec, pool, engine_kwargs in variants:
             proposer = None
             if pool:
