@@ -80,11 +80,28 @@ def test_verification_shapes_equal_the_plain_runner(make_checkpoint):
     torch.testing.assert_close(graphs.execute(batch), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [None, {"method": "draft_model", "num_speculative_tokens": 3,
-                                         "adaptive": False}])
+def _attach_buffers(runner, query_lens) -> list[int]:
+    """Give a runner uncaptured graph buffers; returns the list of each use's query length."""
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, runner.backend, max_seqs=4,
+                                 max_blocks_per_seq=8, capture=False, query_lens=query_lens)
+    used: list[int] = []
+    run = runner.graphs.execute
+    runner.graphs.execute = lambda batch: used.append(batch.scheduled[0].num_tokens) or run(
+        batch)
+    return used
+
+
+@pytest.mark.parametrize("spec", [
+    None,
+    {"method": "draft_model", "num_speculative_tokens": 3, "adaptive": False},
+    {"method": "draft_model", "num_speculative_tokens": 3},
+    {"method": "ngram", "num_speculative_tokens": 3, "adaptive": False},
+])
 def test_engine_steps_through_the_buffers_keep_greedy_output(spec):
-    """The engine's own use of the graphs (the runner picks them for uniform steps and
-    selects the rows it needs), run eagerly on CPU: greedy output unchanged."""
+    """The engine's own use of the graphs, run eagerly on CPU, as the engine sets it up on
+    CUDA: the runner picks the buffers for uniform steps and selects the rows it needs,
+    short proposals are padded, probes take every sequence, the draft's catch-up is made
+    uniform. Greedy output unchanged."""
     from raysvc import LLM
 
     prompts = ["The list type", "A dictionary is a", "def f(x):", "The while statement",
@@ -92,16 +109,18 @@ def test_engine_steps_through_the_buffers_keep_greedy_output(spec):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     expected = LLM(dtype="float32").generate(prompts, params)
     llm = LLM(dtype="float32", speculative_config=spec, max_num_seqs=4)
-    r = llm.engine.runner
-    r.graphs = DecodeGraphs(r.model, r.kv_cache, r.backend, max_seqs=4, max_blocks_per_seq=8,
-                            capture=False, query_lens=(1, 2, 3, 4))
-    used = []
-    run = r.graphs.execute
-    r.graphs.execute = lambda batch: used.append(batch.scheduled[0].num_tokens) or run(batch)
+    used = _attach_buffers(llm.engine.runner, (1, 2, 3, 4))
+    draft_used: list[int] = []
+    if spec is not None:
+        llm.engine.spec.uniform = True
+        if spec["method"] == "draft_model":
+            draft_used = _attach_buffers(llm.engine.spec.proposer.runner, (1, 2))
     out = llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in expected]
-    # plain: decode steps (q = 1); fixed k = 3: verification steps (q = 4)
+    # plain: decode steps (q = 1); k = 3: verification steps (q = 4)
     assert (1 if spec is None else 4) in used, f"no uniform step used the buffers: {used}"
+    if draft_used:
+        assert 1 in draft_used and 2 in draft_used, draft_used  # rounds, uniform catch-up
     assert_no_leaks(llm.engine)
 
 

@@ -83,6 +83,9 @@ def test_compute_bound_batches_switch_off_and_probe():
     assert ks[:-1] == [0] * (PROBE_EVERY - 1)
     assert ks[-1] == 4 and c.exploring  # the probe speculates with the largest k
     assert c.choose_k(64, 0) == 0 and not c.exploring
+    # each probe that confirms "off" doubles the wait for the next
+    ks = [c.choose_k(64, 0) for _ in range(2 * PROBE_EVERY - 1)]
+    assert ks[:-1] == [0] * (2 * PROBE_EVERY - 2) and ks[-1] == 4
 
 
 def test_fixed_and_disabled():

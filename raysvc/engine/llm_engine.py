@@ -87,6 +87,8 @@ class LLMEngine:
             k_max = self.spec.config.num_speculative_tokens if self.spec is not None else 0
             self.runner.capture_graphs(min(config.max_num_seqs, 256), self.max_model_len,
                                        tuple(range(1, k_max + 2)))
+            if self.spec is not None:
+                self.spec.uniform = True
         self.requests: dict[str, Request] = {}
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0

@@ -10,14 +10,17 @@ over the step's size (`StepCost`), so the choice tracks the machine, the batch s
 the model pair: where a step costs about the same for 1 or 5 tokens per sequence (a GPU
 at small batches) speculation wins; where the target is compute-bound (large batches, or
 a CPU), the extra tokens cost full price and k drops to 0 (off). While off, a probe step
-with the largest k every `PROBE_EVERY` steps keeps the acceptance and the costs fresh;
-exploration (before the costs are known) and probes speculate on at most `PROBE_SEQS`
-sequences, so finding out that speculation does not pay costs little.
+with the largest k keeps the acceptance and the costs fresh, `PROBE_EVERY` steps after
+turning off and then ever more rarely while it stays off. Exploration (before the costs
+are known) and probes speculate on at most `PROBE_SEQS` sequences, so finding out that
+speculation does not pay costs little — except where steps replay CUDA graphs: there a
+step must be uniform to be cheap, so probes take every sequence (the decoder decides).
 """
 
 from __future__ import annotations
 
-PROBE_EVERY = 50
+PROBE_EVERY = 50  # steps off before the first probe; doubles after each probe that
+MAX_PROBE_EVERY = 1600  # confirms off (to this), back to PROBE_EVERY once speculation pays
 PROBE_SEQS = 4  # exploring and probing speculate on this many sequences only: cheap
 
 
@@ -83,6 +86,7 @@ class SpecController:
         self.drafted = [0.0] * k_max
         self.accepted = [0.0] * k_max
         self.steps_off = 0
+        self.probe_every = PROBE_EVERY
         self.k = k_max
         self.exploring = False  # this step's k is a measurement, not a choice
 
@@ -134,10 +138,13 @@ class SpecController:
                 best_k, best_rate = k, rate
         if best_k == 0:
             self.steps_off += 1
-            if self.steps_off % PROBE_EVERY == 0:
+            if self.steps_off >= self.probe_every:
                 best_k = self.k_max
                 self.exploring = True
+                self.steps_off = 0
+                self.probe_every = min(self.probe_every * 2, MAX_PROBE_EVERY)
         else:
             self.steps_off = 0
+            self.probe_every = PROBE_EVERY
         self.k = best_k
         return best_k

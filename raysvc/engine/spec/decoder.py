@@ -25,6 +25,21 @@ def eligible(seq: Sequence) -> bool:
             and not p.needs_penalties and p.logprobs is None and p.min_tokens == 0)
 
 
+def pad_proposals(seqs: list[Sequence], ks: list[int]) -> None:
+    """Give every sequence as many proposals as the longest one has (within its room), so
+    the verification step is uniform and replays a CUDA graph instead of running eagerly.
+    A pad repeats the last token: a deterministic guess (one-hot q), verified like any
+    proposal, so the output distribution is unchanged; a guess that happens to be right
+    is a free token. Sequences whose proposals carry draft probabilities are not padded
+    (their pads would need a q), nor does padding reach past a sequence's room."""
+    k = max((len(s.spec_token_ids) for s in seqs), default=0)
+    for seq, room in zip(seqs, ks, strict=True):
+        have = len(seq.spec_token_ids)
+        if have < k <= room and seq.spec_probs is None:
+            last = seq.spec_token_ids[-1] if have else seq.token_ids[-1]
+            seq.spec_token_ids = seq.spec_token_ids + [last] * (k - have)
+
+
 class SpeculativeDecoder:
     def __init__(self, config: SpeculativeConfig, proposer) -> None:
         self.config = config
@@ -36,6 +51,10 @@ class SpeculativeDecoder:
         self.verifications = 0
         self.accepted_per_position = [0] * config.num_speculative_tokens
         self.drafted_per_position = [0] * config.num_speculative_tokens
+        # Steps replay CUDA graphs only when every sequence brings the same number of
+        # tokens: then probes take every sequence, and short proposals are padded (set
+        # by the engine once it has captured graphs).
+        self.uniform = False
 
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
         """Attach proposals (seq.spec_token_ids / seq.spec_probs) to eligible sequences."""
@@ -44,7 +63,7 @@ class SpeculativeDecoder:
         k = self.controller.choose_k(len(seqs), other)
         if k == 0:
             return
-        if self.controller.exploring:
+        if self.controller.exploring and not self.uniform:
             seqs = seqs[:PROBE_SEQS]
         ks = []
         for s in seqs:
@@ -63,6 +82,8 @@ class SpeculativeDecoder:
             if proposal is not None and proposal.tokens:
                 seq.spec_token_ids = proposal.tokens
                 seq.spec_probs = proposal.probs
+        if self.uniform:
+            pad_proposals(seqs, ks)
 
     def verify(self, seq: Sequence, logits: torch.Tensor, sampler: Sampler) -> list[int]:
         """logits: [k + 1, vocab] at the positions of the last token and the k proposals.

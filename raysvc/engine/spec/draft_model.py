@@ -47,14 +47,15 @@ class DraftModelProposer:
                                                  device), backend)
         if backend.name == "triton" and device.type == "cuda":
             warm_up(self.runner, self.block_manager, min(capacity_tokens, max_len, 1024))
-            if max_graph_seqs > 0:
-                self.runner.capture_graphs(max_graph_seqs, max_len)
+            if max_graph_seqs > 0:  # rounds of 1 token, and the 2-token catch-up (below)
+                self.runner.capture_graphs(max_graph_seqs, max_len, (1, 2))
         self.sampler = Sampler(self.config.vocab_size, device)
         self.mirrors: dict[int, Sequence] = {}  # target seq_id -> draft-side sequence
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal | None]:
         active = [(seq, self._sync(seq)) for seq in seqs]
         active = [(seq, m) for seq, m in active if m is not None]
+        self._uniform_catch_up([m for _, m in active])
         drafts: dict[int, list[int]] = {seq.seq_id: [] for seq, _ in active}
         probs: dict[int, list[torch.Tensor]] = {seq.seq_id: [] for seq, _ in active}
         want = {seq.seq_id: k for seq, k in zip(seqs, ks, strict=True)}
@@ -91,6 +92,23 @@ class DraftModelProposer:
             q = torch.stack(probs[seq.seq_id]) if probs[seq.seq_id] else None
             out.append(Proposal(tokens, q))
         return out
+
+    def _uniform_catch_up(self, mirrors: list[Sequence]) -> None:
+        """In steady state a mirror is 1 token behind (a proposal was rejected: the target's
+        token replaces it) or 2 (all accepted: the last proposal and the bonus token). With
+        CUDA graphs, recompute one known token for those 1 behind — it rewrites identical
+        K/V — so that the first round is uniform and replays a graph too."""
+        graphs = self.runner.graphs
+        if graphs is None or 2 not in graphs.query_lens:
+            return
+        behind = [m.num_tokens - m.num_computed_tokens for m in mirrors]
+        if not behind or max(behind) != 2 or min(behind) < 1:
+            return
+        if any(n == 1 and m.num_computed_tokens == 0 for m, n in zip(mirrors, behind, strict=True)):
+            return
+        for m, n in zip(mirrors, behind, strict=True):
+            if n == 1:
+                m.num_computed_tokens -= 1
 
     def _sync(self, seq: Sequence) -> Sequence | None:
         """Cut the mirror back to what it shares with the target sequence, then extend it."""
