@@ -62,11 +62,11 @@ def random_checkpoint(path: str, seed: int, max_len: int = 1024) -> None:
     model.save_pretrained(path)
 
 
-def run_raysvc(path: str, w: Workload, args) -> tuple[float, list[list[int]]]:
+def run_raysvc(path: str, w: Workload, args, **engine_kwargs) -> tuple[float, list[list[int]]]:
     from raysvc import LLM, SamplingParams
 
     llm = LLM(path, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, **engine_kwargs)
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in w.output_lens]
     llm.generate(w.prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     start = time.perf_counter()

@@ -143,6 +143,13 @@ def bench_throughput(args) -> None:
             f"{t:.2f} s, {ours_tps:.0f} out tok/s", "1.00x", f"{w.output_tokens} output tokens")
         gc.collect()
         torch.cuda.empty_cache()
+        t_eager, eager = run_raysvc(tmp, w, ns, enforce_eager=True)
+        same = sum(a == b for a, b in zip(ours, eager, strict=True))
+        row("throughput 1.1B bf16", "raysvc, no CUDA graphs (enforce_eager)",
+            f"{t_eager:.2f} s, {w.output_tokens / t_eager:.0f} out tok/s",
+            f"raysvc {t_eager / t:.2f}x", f"greedy {same}/{len(ours)} same as with graphs")
+        gc.collect()
+        torch.cuda.empty_cache()
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).cuda().eval()
         for name, fn in [("HF generate, static batch 32", lambda: run_hf_static(hf, w, 32)),
                          ("HF continuous batching", lambda: run_hf_continuous(hf, w))]:
