@@ -103,3 +103,21 @@ def test_step_cost_below_the_smallest_size_stays_positive():
     assert cost.predict(2) == pytest.approx(0.2)  # proportional floor
     assert cost.predict(8) == pytest.approx(0.8)
     assert cost.predict(15) == pytest.approx(2.0)
+
+
+def test_probes_take_a_bounded_share_of_the_time_off():
+    now = [0.0]
+    c = _controller(4 / 64, 0.05, [0.6, 0.35, 0.2, 0.1])
+    c.clock = lambda: now[0]
+    ks = []
+    for _ in range(PROBE_EVERY):
+        ks.append(c.choose_k(64, 0))
+        now[0] += 0.001  # plain steps take 1 ms ...
+    assert ks[-1] == 4
+    now[0] += 0.5  # ... the probe step took half a second
+    steps = 0
+    while c.choose_k(64, 0) == 0:
+        now[0] += 0.001
+        steps += 1
+    # at most 5% of the time probing: 0.5 s of probe needs >= 10 s off (not 2 x 50 steps)
+    assert steps >= 10_000 - 1

@@ -11,17 +11,22 @@ the model pair: where a step costs about the same for 1 or 5 tokens per sequence
 at small batches) speculation wins; where the target is compute-bound (large batches, or
 a CPU), the extra tokens cost full price and k drops to 0 (off). While off, a probe step
 with the largest k keeps the acceptance and the costs fresh, `PROBE_EVERY` steps after
-turning off and then ever more rarely while it stays off. Exploration (before the costs
-are known) and probes speculate on at most `PROBE_SEQS` sequences, so finding out that
-speculation does not pay costs little — except where steps replay CUDA graphs: there a
-step must be uniform to be cheap, so probes take every sequence (the decoder decides).
+turning off and then ever more rarely while it stays off (and never taking more than
+`PROBE_TIME_SHARE` of the time: a probe step can cost many plain ones). Exploration
+(before the costs are known) and probes speculate on at most `PROBE_SEQS` sequences, so
+finding out that speculation does not pay costs little — except where steps replay CUDA
+graphs: there a step must be uniform to be cheap, so probes take every sequence (the
+decoder decides).
 """
 
 from __future__ import annotations
 
+import time
+
 PROBE_EVERY = 50  # steps off before the first probe; doubles after each probe that
 MAX_PROBE_EVERY = 1600  # confirms off (to this), back to PROBE_EVERY once speculation pays
 PROBE_SEQS = 4  # exploring and probing speculate on this many sequences only: cheap
+PROBE_TIME_SHARE = 0.05  # and probes take at most this share of the time spent off
 
 
 class StepCost:
@@ -75,7 +80,8 @@ class StepCost:
 
 
 class SpecController:
-    def __init__(self, k_max: int, adaptive: bool, disable_by_batch_size: int | None) -> None:
+    def __init__(self, k_max: int, adaptive: bool, disable_by_batch_size: int | None,
+                 clock=time.perf_counter) -> None:
         self.k_max = k_max
         self.adaptive = adaptive
         self.disable_by_batch_size = disable_by_batch_size
@@ -87,6 +93,10 @@ class SpecController:
         self.accepted = [0.0] * k_max
         self.steps_off = 0
         self.probe_every = PROBE_EVERY
+        self.clock = clock
+        self.probe_started: float | None = None  # a probe step is running since
+        self.probe_cost = 0.0  # seconds the last probe step took
+        self.probe_ended = 0.0
         self.k = k_max
         self.exploring = False  # this step's k is a measurement, not a choice
 
@@ -112,6 +122,10 @@ class SpecController:
 
     def choose_k(self, num_seqs: int, other_tokens: int) -> int:
         """k for this step's `num_seqs` decoding sequences (0 = plain decoding)."""
+        now = self.clock()
+        if self.probe_started is not None:  # the previous step was a probe: it is done
+            self.probe_cost, self.probe_ended = now - self.probe_started, now
+            self.probe_started = None
         self.exploring = False
         if num_seqs == 0 or (self.disable_by_batch_size is not None
                              and num_seqs >= self.disable_by_batch_size):
@@ -138,11 +152,13 @@ class SpecController:
                 best_k, best_rate = k, rate
         if best_k == 0:
             self.steps_off += 1
-            if self.steps_off >= self.probe_every:
+            if self.steps_off >= self.probe_every and \
+                    now - self.probe_ended >= self.probe_cost / PROBE_TIME_SHARE:
                 best_k = self.k_max
                 self.exploring = True
                 self.steps_off = 0
                 self.probe_every = min(self.probe_every * 2, MAX_PROBE_EVERY)
+                self.probe_started = now
         else:
             self.steps_off = 0
             self.probe_every = PROBE_EVERY
