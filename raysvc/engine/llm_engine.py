@@ -198,7 +198,7 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         if self.spec is not None:
             self.spec.propose(self.scheduler.running, self.max_model_len)
-        draft_done = self._now()
+        draft_done = time.perf_counter()  # a proposer's last act is reading tokens: synced
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
@@ -248,7 +248,9 @@ class LLMEngine:
             for seq, token, lps in zip(seqs, result.token_ids, result.logprobs, strict=True):
                 self._append_token(seq, token, lps)
                 touched[seq.request.request_id] = seq.request
-        verify_start = self._now()
+        # the forward pass belongs to the step, not to verification: if nothing was sampled
+        # (which waits for the logits), wait for it here
+        verify_start = self._now() if speculating and not seqs else time.perf_counter()
         for seq, row in speculating:
             k = len(seq.spec_token_ids)
             tokens = self.spec.verify(seq, logits[row: row + k + 1], self.sampler)
@@ -263,7 +265,7 @@ class LLMEngine:
                 self.block_manager.cache_full_blocks(seq)
             touched[seq.request.request_id] = seq.request
         if self.spec is not None:
-            end = self._now()
+            end = time.perf_counter()  # verification read its logits on the host: synced
             self.spec.observe_step(batch.num_tokens, verify_start - draft_done,
                                    len(speculating), end - verify_start)
 
