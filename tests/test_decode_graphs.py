@@ -164,3 +164,23 @@ def test_graphed_engine_keeps_greedy_output(spec):
     out = llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in out] == expected
     assert_no_leaks(llm.engine)
+
+
+def test_pad_proposals_makes_verification_uniform_within_room():
+    import torch as t
+
+    from raysvc.engine.spec.decoder import pad_proposals
+
+    seqs = [Request(f"r{i}", None, [3, 4, 5 + i], SamplingParams(), ()).seqs[0]
+            for i in range(4)]
+    seqs[0].spec_token_ids = [7, 8, 9]
+    seqs[1].spec_token_ids = [7]  # short n-gram match: padded with its last proposal
+    seqs[2].spec_token_ids = []  # no match: guesses its own last token
+    seqs[3].spec_token_ids = [7]
+    seqs[3].spec_probs = t.ones(1, 10) / 10  # a draft's q: not padded
+    pad_proposals(seqs, [3, 3, 3, 3])
+    assert [s.spec_token_ids for s in seqs] == [[7, 8, 9], [7, 7, 7], [7, 7, 7], [7]]
+    short = Request("x", None, [3, 4], SamplingParams(), ()).seqs[0]
+    short.spec_token_ids = [6]
+    pad_proposals([seqs[0], short], [3, 2])  # room 2 < 3: left as it is
+    assert short.spec_token_ids == [6]

@@ -6,7 +6,8 @@ One run, one process: for batch sizes 1, 16 and 64, plain decoding, then each pr
 (draft model in process, draft model in a Ray actor pool, n-gram lookup), adaptive (the
 default: k and on/off chosen from measured costs) and with a fixed k. Prints output
 tokens/s, the ratio to plain decoding, the acceptance rate, the mean accepted length and
-the acceptance per position, and whether greedy outputs agree.
+the acceptance per position, and whether greedy outputs agree. First, the forward-pass
+costs that bound what speculation can gain (eager, one sequence, 100-token context).
 
 The actor pool runs one draft actor on a local Ray (started here, `--pool-threads` torch
 threads): the same draft engine as in process, plus one Ray call per step.
@@ -46,6 +47,47 @@ def run(batch: int, max_tokens: int, spec: dict | None, dtype: str, repeats: int
             raise AssertionError("greedy outputs differ between repeats")
         outputs = tokens
     return best, outputs, llm.stats()
+
+
+def forward_ms(model: str, dtype: str, q_len: int, context: int = 100, n: int = 100) -> float:
+    """Milliseconds of one forward pass of `q_len` new tokens on a `context`-token sequence
+    (the model runner alone: no scheduling, no sampling)."""
+    from raysvc.engine.config import EngineConfig
+    from raysvc.engine.llm_engine import LLMEngine
+    from raysvc.engine.sampling_params import SamplingParams
+    from raysvc.engine.scheduler import ScheduledSeq, SchedulerOutput
+    from raysvc.engine.sequence import Request
+    from raysvc.models.builtin import path
+
+    engine = LLMEngine(EngineConfig(model=str(path(model)), dtype=dtype, num_kv_blocks=64,
+                                    enforce_eager=True))
+    seq = Request("r", None, [5 + i % 50 for i in range(context)], SamplingParams(),
+                  ()).seqs[0]
+    engine.block_manager.allocate(seq, context)
+    seq.num_computed_tokens = context - q_len
+    batch = SchedulerOutput([ScheduledSeq(seq, q_len)])
+    for _ in range(10):
+        engine.runner.execute(batch, list(range(q_len)))
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        engine.runner.execute(batch, list(range(q_len)))
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n * 1e3
+
+
+def print_forward_costs(k: int) -> None:
+    """What bounds speculation here: verification (k + 1 tokens) and a draft round, in
+    target decode steps."""
+    print("\n| dtype | target, 1 token | target, k + 1 tokens | draft round | verify / step "
+          "| draft round / step |\n|---|---:|---:|---:|---:|---:|")
+    for dtype in ("float32", "bfloat16"):
+        one, verify = forward_ms("tiny", dtype, 1), forward_ms("tiny", dtype, k + 1)
+        draft = forward_ms("tiny-draft", dtype, 1)
+        print(f"| {dtype} | {one:.2f} ms | {verify:.2f} ms | {draft:.2f} ms "
+              f"| {verify / one:.2f} | {draft / one:.2f} |", flush=True)
 
 
 def start_pool(dtype: str, threads: int) -> list:
@@ -91,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     actors = start_pool(args.dtype, args.pool_threads) if not args.no_pool else []
     print(f"built-in tiny (target) + tiny-draft, dtype {args.dtype}, greedy, {args.max_tokens} "
           f"output tokens per request, {args.threads} threads, best of {args.repeats} runs")
+    print_forward_costs(args.k)
     print("\n| batch | decoding | output tok/s | vs plain | acceptance | mean accepted length "
           "| acceptance per position | final k | greedy = plain |")
     print("|---:|---|---:|---:|---:|---:|---|---:|---|")
