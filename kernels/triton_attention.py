@@ -227,6 +227,15 @@ def launch_unified(
     return out
 
 
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
+                      device: torch.device) -> int:
+    """KV splits a decode-only batch takes here (1: the unified kernel)."""
+    sms = sm_count(device)
+    if not split_kv_worthwhile(num_seqs, num_kv_heads, sms, max_seq_len):
+        return 1
+    return choose_num_splits(num_seqs, num_kv_heads, max_seq_len, sms)
+
+
 def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -257,9 +266,8 @@ def paged_attention(
     if max_query_len == 1:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max())
-    if max_query_len == 1 and split_kv_worthwhile(num_seqs, num_kv_heads, sm_count(q.device),
-                                                  max_seq_len):
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, sm_count(q.device))
+    if max_query_len == 1:
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_seq_len, q.device)
         if num_splits > 1:
             return launch_split_kv(q, k_cache, v_cache, block_tables, query_start_loc,
                                    seq_lens, scale, out, num_splits)

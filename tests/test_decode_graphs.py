@@ -184,3 +184,27 @@ def test_pad_proposals_makes_verification_uniform_within_room():
     short.spec_token_ids = [6]
     pad_proposals([seqs[0], short], [3, 2])  # room 2 < 3: left as it is
     assert short.spec_token_ids == [6]
+
+
+def test_long_context_decode_is_left_to_the_split_kv_kernel(make_checkpoint):
+    """With `split_aware` (on CUDA), a decode batch the eager path would split (few
+    sequences, long context) runs eagerly; short contexts and larger batches replay."""
+    from kernels.triton_attention import decode_num_splits
+
+    path, _ = make_checkpoint("llama")
+    engine = LLMEngine(EngineConfig(model=path, dtype="float32", num_kv_blocks=8))
+    r = engine.runner
+    graphs = DecodeGraphs(r.model, r.kv_cache, r.backend, max_seqs=4, max_blocks_per_seq=8,
+                          capture=False, split_aware=True)
+
+    def decoding(context: int):
+        seq = Request("r", None, [3] * context, SamplingParams(), ()).seqs[0]
+        seq.num_computed_tokens = context - 1
+        return ScheduledSeq(seq, 1)
+
+    kv_heads = r.kv_cache.data.shape[4]
+    assert decode_num_splits(1, kv_heads, 1100, r.model.device) > 1  # the eager choice
+    assert not graphs.fits(SchedulerOutput([decoding(1100)]))
+    assert graphs.fits(SchedulerOutput([decoding(100)]))
+    assert decode_num_splits(4, kv_heads, 600, r.model.device) == 1
+    assert graphs.fits(SchedulerOutput([decoding(600) for _ in range(4)]))

@@ -12,7 +12,8 @@ A graph replays fixed tensors, so a step's inputs are copied into static buffers
 for the largest batch; a batch of b sequences runs the graph of the smallest captured
 size >= b, its padding rows writing nowhere (slot -1) and attending only to themselves.
 The attention is the unified Triton kernel (its launch grid depends on the batch shape
-alone; the split-KV choice would depend on lengths known only at replay).
+alone). A decode batch for which the eager path would split the KV (few sequences on
+long contexts: the split-KV kernel reads the KV up to twice as fast there) runs eagerly.
 
 Without CUDA (`capture=False`) the same buffers run the forward eagerly: the CPU tests
 check the padding and buffer logic against the plain path.
@@ -53,7 +54,9 @@ class UnifiedTritonAttention(TritonAttention):
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, backend: AttentionBackend,
                  max_seqs: int, max_blocks_per_seq: int, capture: bool,
-                 query_lens: tuple[int, ...] = (1,)) -> None:
+                 query_lens: tuple[int, ...] = (1,), split_aware: bool | None = None) -> None:
+        """`split_aware` (default: when capturing): leave to the eager path the decode
+        batches it would give the split-KV kernel."""
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -61,6 +64,7 @@ class DecodeGraphs:
         self.max_seqs = max_seqs
         self.query_lens = tuple(sorted(set(query_lens)))
         self.capture = capture
+        self.split_aware = capture if split_aware is None else split_aware
         self.backend = UnifiedTritonAttention() if capture else backend
         n, dev = max_seqs * max(self.query_lens), model.device
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
@@ -117,7 +121,15 @@ class DecodeGraphs:
             return False
         q = items[0].num_tokens
         size = next(s for s in self.sizes if s >= len(items))
-        return (q, size) in self.shapes and all(item.num_tokens == q for item in items)
+        if (q, size) not in self.shapes or any(item.num_tokens != q for item in items):
+            return False
+        if q == 1 and self.split_aware:
+            from kernels.triton_attention import decode_num_splits
+
+            longest = max(item.seq.num_computed_tokens + 1 for item in items)
+            return decode_num_splits(len(items), self.kv_cache.data.shape[4], longest,
+                                     self.model.device) == 1
+        return True
 
     def execute(self, batch: SchedulerOutput) -> torch.Tensor:
         """Logits [num_tokens, vocab] at every position of a batch that `fits`, in the
