@@ -88,6 +88,18 @@ def make_checkpoint(tmp_path_factory):
     return make
 
 
+def fresh_ray():
+    """The `ray` module with no Ray running in this process and none to join: a module's
+    cluster fixture starts its own (auth off, as raysvc's entry points do)."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.pop("RAY_ADDRESS", None)
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    return ray
+
+
 def assert_no_leaks(engine: LLMEngine) -> None:
     stats = engine.stats()
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"], stats

@@ -9,25 +9,21 @@ is killed its queued requests go to the other and its in-flight ones continue th
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import pytest
+from conftest import fresh_ray
 
 ENGINE = {"num_kv_blocks": 128, "max_num_seqs": 2, "max_num_batched_tokens": 256}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ.pop("RAY_ADDRESS", None)
-    import ray
     from ray.cluster_utils import Cluster
 
     from raysvc.cluster import WorkerSpec, add_workers, start_router
 
-    if ray.is_initialized():
-        ray.shutdown()
+    ray = fresh_ray()
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False,
         "_system_config": {"metrics_report_interval_ms": 1000}})

@@ -11,26 +11,22 @@ finishes its requests, takes no new ones and leaves.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 
 import pytest
+from conftest import fresh_ray
 
 ENGINE = {"num_kv_blocks": 48, "max_num_seqs": 8, "max_num_batched_tokens": 512}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ.pop("RAY_ADDRESS", None)
-    import ray
     from ray.cluster_utils import Cluster
 
     from raysvc.cluster import WorkerSpec, add_workers, start_router
 
-    if ray.is_initialized():
-        ray.shutdown()
+    ray = fresh_ray()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         for _ in range(2):

@@ -9,11 +9,11 @@ has restarted it.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import urllib.request
 
 import pytest
+from conftest import fresh_ray
 
 SPEC = {"method": "draft_model", "num_speculative_tokens": 3, "adaptive": False}
 ENGINE = {"dtype": "float32", "num_kv_blocks": 192, "max_num_seqs": 8,
@@ -32,14 +32,9 @@ def _prompt_ids() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ.pop("RAY_ADDRESS", None)
-    import ray
-
     from raysvc.serve.app import RaysvcCluster, ServeArgs
 
-    if ray.is_initialized():
-        ray.shutdown()
+    ray = fresh_ray()
     ray.init(num_cpus=4, include_dashboard=False, logging_level="warning",
              _system_config={"metrics_report_interval_ms": 1000})
     try:

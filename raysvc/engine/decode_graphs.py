@@ -162,7 +162,7 @@ class DecodeGraphs:
         lens += [q] * (size - b)  # a padding row attends to its own q (unwritten) slots
         tables += [[0] * width] * (size - b)
         dev = self.input_ids.device
-        # one host->device copy for the per-token values, one for the block tables
+        # three host->device copies: per-token values, per-sequence lengths, block tables
         n = size * q
         packed = torch.tensor([ids, pos, slots], dtype=torch.long).to(dev, non_blocking=True)
         self.input_ids[:n].copy_(packed[0])
