@@ -403,7 +403,7 @@ def build_speculative_decoder(raw: dict | None, engine: LLMEngine, proposer=None
 def draft_dtype(target_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The draft model's dtype: the target's, except float32 on CPU. A draft round
     multiplies a few rows by small weights, where CPU bf16/fp16 matmuls pay a fixed cost
-    per call (the built-in draft's round: 0.79 ms bf16, 0.56 ms fp32, docs/perf.md). Any
+    per call (the built-in draft's round: 0.80 ms bf16, 0.57 ms fp32; docs/perf.md). Any
     dtype is lossless: the target verifies every proposal."""
     return torch.float32 if device.type == "cpu" else target_dtype
 
