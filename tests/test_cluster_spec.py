@@ -1,9 +1,9 @@
 """`raysvc serve --draft-workers N` below HTTP: the Serve app's cluster deployment
 (`RaysvcCluster`, run here as a plain object on a local Ray) starts a draft-model actor
-pool and hands it to its workers. Greedy output through the router equals the offline
-engine without speculation; the spec counters reach /cluster/stats and Prometheus; a
-killed draft actor costs no request and changes no output, and serves again once Ray
-has restarted it.
+pool and hands it to its workers (two workers sharing one draft actor here). Greedy
+output through the router equals the offline engine without speculation; the spec
+counters reach /cluster/stats and Prometheus; a killed draft actor costs no request and
+changes no output, and serves again once Ray has restarted it.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def cluster():
     ray.init(num_cpus=4, include_dashboard=False, logging_level="warning",
              _system_config={"metrics_report_interval_ms": 1000})
     try:
-        args = ServeArgs(draft_workers=1, engine=ENGINE, worker_torch_threads=1,
-                         draft_torch_threads=1)
+        args = ServeArgs(num_workers=2, draft_workers=1, engine=ENGINE,
+                         worker_num_cpus=1, worker_torch_threads=1, draft_torch_threads=1)
         c = RaysvcCluster(args.model_dump())
         ray.get(c.router.refresh.remote(), timeout=60)
         yield ray, c
@@ -78,20 +78,26 @@ def _generate(router, on_token=None) -> list:
     return asyncio.run(asyncio.wait_for(main(), 240))
 
 
-def _worker_row(ray, c) -> dict:
+def _worker_rows(ray, c) -> list[dict]:
     ray.get(c.router.refresh.remote(), timeout=60)
-    (row,) = ray.get(c.router.stats.remote(), timeout=60)["workers"]
-    return row
+    return ray.get(c.router.stats.remote(), timeout=60)["workers"]
+
+
+def _accepted(rows: list[dict]) -> int:
+    return sum(r["spec_accepted_tokens"] for r in rows)
 
 
 def test_greedy_through_the_draft_pool_equals_plain_decoding(cluster, expected):
     ray, c = cluster
-    assert len(c.draft_actors) == 1
+    assert len(c.draft_actors) == 1 and len(c.workers) == 2
     assert _generate(c.router) == expected
-    row = _worker_row(ray, c)
-    assert row["spec_draft_tokens"] > 0 and row["spec_accepted_tokens"] > 0, row
-    assert 0 < row["spec_acceptance_rate"] <= 1
-    assert row["kv_blocks_free"] == row["kv_blocks_total"]
+    rows = _worker_rows(ray, c)
+    # both workers drafted through the one shared actor (their sequences kept apart)
+    for row in rows:
+        assert row["requests_routed"] > 0, rows
+        assert row["spec_draft_tokens"] > 0 and row["spec_accepted_tokens"] > 0, row
+        assert 0 < row["spec_acceptance_rate"] <= 1
+        assert row["kv_blocks_free"] == row["kv_blocks_total"]
 
 
 def test_spec_metrics_are_exported(cluster):
@@ -124,15 +130,15 @@ def test_killed_draft_actor_loses_nothing_and_comes_back(cluster, expected):
     assert _generate(c.router, on_token) == expected
     assert killed
     ray.get(actor.ready.remote(), timeout=120)  # restarted
-    before = _worker_row(ray, c)["spec_accepted_tokens"]
+    before = _accepted(_worker_rows(ray, c))
     deadline = time.monotonic() + 120
-    while True:  # the worker retries the actor after its back-off, then drafts there again
+    while True:  # the workers retry the actor after their back-off, then draft there again
         assert _generate(c.router) == expected
-        row = _worker_row(ray, c)
-        if row["spec_accepted_tokens"] > before:
+        rows = _worker_rows(ray, c)
+        if _accepted(rows) > before:
             break
-        assert time.monotonic() < deadline, row
-    assert row["kv_blocks_free"] == row["kv_blocks_total"]
+        assert time.monotonic() < deadline, rows
+    assert all(r["kv_blocks_free"] == r["kv_blocks_total"] for r in rows)
 
 
 def test_spec_counters_grow_by_each_reports_increase():
