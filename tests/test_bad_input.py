@@ -97,6 +97,9 @@ def test_abort_mid_generation_frees_blocks(llm):
     ({"num_kv_blocks": -3}, "num_kv_blocks"),
     ({"max_model_len": 10**6}, "max_model_len"),
     ({"not_a_flag": True}, "not_a_flag"),
+    ({"enable_prefix_caching": "no"}, "enable_prefix_caching"),
+    ({"enforce_eager": 1}, "enforce_eager"),
+    ({"skip_tokenizer_init": "yes"}, "skip_tokenizer_init"),
 ])
 def test_bad_engine_arguments(make_checkpoint, kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -53,6 +53,9 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
 
+        for name in ("skip_tokenizer_init", "enable_prefix_caching", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):  # "no" would read as true
+                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         positive("block_size")
         if self.block_size & (self.block_size - 1) or self.block_size < 8:
             raise ValueError(f"block_size: must be a power of two >= 8, got {self.block_size}")
