@@ -46,6 +46,8 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         from raysvc.bench.routing import main as bench_main
     elif args.what == "prefix-cache":
         from raysvc.bench.prefix_cache import main as bench_main
+    elif args.what == "autoscale":
+        from raysvc.bench.autoscale import main as bench_main
     else:
         from raysvc.bench.kernels import main as bench_main
     return bench_main(rest) or 0
@@ -65,8 +67,17 @@ def serve_args_from_cli(args: argparse.Namespace):
         except json.JSONDecodeError as e:
             raise ValueError(f"--speculative-config: not JSON ({e}); e.g. "
                              '\'{"method": "draft_model", "num_speculative_tokens": 4}\'') from None
+    autoscaling = {}
+    if args.worker_autoscaling is not None:
+        try:
+            autoscaling = json.loads(args.worker_autoscaling)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--worker-autoscaling: not JSON ({e}); e.g. "
+                             '\'{"target_ongoing_requests": 32, "downscale_delay_s": 300}\'') \
+                from None
     return ServeArgs(model=args.model, served_model_name=args.served_model_name,
-                     num_workers=args.num_workers, engine=engine,
+                     num_workers=args.num_workers, min_workers=args.min_workers,
+                     max_workers=args.max_workers, worker_autoscaling=autoscaling, engine=engine,
                      worker_num_cpus=args.worker_cpus, worker_torch_threads=args.worker_threads,
                      stream_interval_s=args.stream_interval, max_queue_len=args.max_queue_len,
                      api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
@@ -110,7 +121,16 @@ ENGINE_FLAGS = {
 def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: built-in tiny)")
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="workers to start with (default: --min-workers; alone: a fixed pool)")
+    p.add_argument("--min-workers", type=int, default=None,
+                   help="the pool never shrinks below this (default 1 with --max-workers)")
+    p.add_argument("--max-workers", type=int, default=None,
+                   help="the router scales the pool up to this with demand (default: fixed)")
+    p.add_argument("--worker-autoscaling", default=None,
+                   help='JSON knobs of the scaling policy, named as Ray Serve\'s: '
+                        '\'{"target_ongoing_requests": 32, "upscale_delay_s": 10, '
+                        '"downscale_delay_s": 300, "drain_timeout_s": 600}\'')
     p.add_argument("--api-key", default=None,
                    help="require Authorization: Bearer KEY (default: $RAYSVC_API_KEY)")
     for name, (kind, text) in ENGINE_FLAGS.items():
@@ -163,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (the rest of the arguments go to them)")
     bench.add_argument("what", choices=["engine", "kernels", "serve", "spec", "routing",
-                                        "prefix-cache"])
+                                        "prefix-cache", "autoscale"])
     return parser
 
 

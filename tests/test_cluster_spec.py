@@ -129,7 +129,7 @@ def test_killed_draft_actor_loses_nothing_and_comes_back(cluster, expected):
 
     assert _generate(c.router, on_token) == expected
     assert killed
-    ray.get(actor.ready.remote(), timeout=120)  # restarted
+    _wait_restarted(ray, actor)
     before = _accepted(_worker_rows(ray, c))
     deadline = time.monotonic() + 120
     while True:  # the workers retry the actor after their back-off, then draft there again
@@ -139,6 +139,20 @@ def test_killed_draft_actor_loses_nothing_and_comes_back(cluster, expected):
             break
         assert time.monotonic() < deadline, rows
     assert all(r["kv_blocks_free"] == r["kv_blocks_total"] for r in rows)
+
+
+def _wait_restarted(ray, actor, timeout_s: float = 120.0) -> None:
+    """Until the restarted actor answers (a call during its restart is refused, not queued)."""
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.ready.remote(), timeout=timeout_s)
+            return
+        except ActorUnavailableError:
+            assert time.monotonic() < deadline, "the draft actor did not come back"
+            time.sleep(0.5)
 
 
 def test_spec_counters_grow_by_each_reports_increase():

@@ -44,7 +44,9 @@ class Server:
         cmd = [sys.executable, "-m", "raysvc.cli", "serve", "--port", str(self.port),
                "--num-kv-blocks", str(NUM_KV_BLOCKS), "--max-num-seqs", "32",
                "--max-body-bytes", str(MAX_BODY), "--max-n", "4", "--worker-threads", "1",
-               "--num-cpus", "2"]
+               "--num-cpus", "2", "--min-workers", "1", "--max-workers", "2",
+               # an elastic pool that never grows here: its stats, not its scaling
+               "--worker-autoscaling", '{"upscale_delay_s": 3600}']
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
 
@@ -135,6 +137,15 @@ def test_models_health_and_stats(server, client):
                 "prefix_cache_queries"):
         assert key in w, key
     assert w["kv_blocks_total"] == NUM_KV_BLOCKS
+    assert w["state"] == "ready"
+    assert (stats["target_workers"], stats["min_workers"], stats["max_workers"]) == (1, 1, 2)
+    assert stats["ready_workers"] == 1 and stats["scaling_decisions"] == []
+    assert stats["autoscaling"]["upscale_delay_s"] == 3600
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/health", timeout=10) as r:
+        health = json.loads(r.read())
+    assert health["status"] == "ok" and health["ready"] == 1 and health["starting"] == 0
 
 
 def test_completions_greedy_equal_offline_engine(client, llm):

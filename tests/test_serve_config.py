@@ -75,3 +75,56 @@ def test_cli_serve_rejects_bad_speculation_flags(flags, field):
     out = subprocess.run([sys.executable, "-m", "raysvc.cli", "serve", *flags],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and field in out.stderr, out.stderr
+
+
+def test_worker_range_defaults_and_errors():
+    from pydantic import ValidationError
+
+    from raysvc.serve.app import ServeArgs
+
+    def rng(**kw):
+        a = ServeArgs(**kw)
+        return a.num_workers, a.min_workers, a.max_workers
+
+    assert rng() == (1, 1, 1)  # one fixed worker, as before
+    assert rng(num_workers=3) == (3, 3, 3)  # a fixed pool of 3
+    assert rng(max_workers=4) == (1, 1, 4)  # elastic from 1
+    assert rng(min_workers=2, max_workers=4) == (2, 2, 4)
+    assert rng(num_workers=3, min_workers=2, max_workers=4) == (3, 2, 4)
+    assert rng(min_workers=2) == (2, 2, 2)
+    for kw, field in [({"min_workers": 3, "max_workers": 2}, "min_workers"),
+                      ({"num_workers": 5, "max_workers": 4}, "num_workers"),
+                      ({"num_workers": 1, "min_workers": 2, "max_workers": 4}, "num_workers"),
+                      ({"min_workers": 0}, "min_workers"),
+                      ({"max_workers": "many"}, "max_workers"),
+                      ({"worker_autoscaling": {"upscale_delay_s": -1}}, "upscale_delay_s"),
+                      ({"worker_autoscaling": {"scale_up_delay": 1}}, "scale_up_delay"),
+                      ({"worker_autoscaling": {"downscale_delay_s": "5m"}}, "downscale_delay_s"),
+                      ({"ingress_autoscaling": {"max_replica": 4}}, "max_replica"),
+                      ({"ingress_autoscaling": {"min_replicas": 3, "max_replicas": 2}},
+                       "ingress_autoscaling")]:
+        with pytest.raises(ValidationError, match=field):
+            ServeArgs(**kw)
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--min-workers", "3", "--max-workers", "2"], "min_workers"),
+    (["--num-workers", "9", "--max-workers", "4"], "num_workers"),
+    (["--worker-autoscaling", "{upscale_delay_s: 1"], "--worker-autoscaling"),
+    (["--worker-autoscaling", '{"upscale_delay_s": -1}'], "upscale_delay_s"),
+    (["--worker-autoscaling", '{"bogus": 1}'], "bogus"),
+])
+def test_cli_serve_rejects_bad_scaling_flags(flags, field):
+    out = subprocess.run([sys.executable, "-m", "raysvc.cli", "serve", *flags],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and field in out.stderr, out.stderr
+
+
+def test_serve_config_file_with_a_bad_range_is_refused():
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from raysvc.serve.app import build_app
+
+    with pytest.raises(Exception, match="min_workers"):
+        call_user_app_builder_with_args_if_necessary(build_app,
+                                                     {"min_workers": 4, "max_workers": 2})

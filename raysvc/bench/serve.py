@@ -74,45 +74,56 @@ async def drive(w: Workload, one) -> tuple[list[Result], float]:
     return list(results), time.perf_counter() - start
 
 
-async def http_run(args, w: Workload) -> tuple[list[Result], float]:
+async def stream_completion(session, url: str, model: str, prompt: list[int],
+                            output_len: int) -> Result:
+    """One streaming /v1/completions request, timed as its client sees it."""
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    r = Result(start=time.perf_counter())
+    last = r.start
+    try:
+        async with session.post(url.rstrip("/") + "/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return r
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                now = time.perf_counter()
+                if "error" in data:
+                    r.error = f"stream error: {data['error'].get('message', '')[:200]}"
+                    return r
+                if data.get("usage"):
+                    r.output_tokens = data["usage"]["completion_tokens"]
+                if any(c.get("text") for c in data.get("choices", [])):
+                    if not r.ttft:
+                        r.ttft = now - r.start
+                    else:
+                        r.itl.append(now - last)
+                    last = now
+        r.latency = time.perf_counter() - r.start
+        r.ok = r.output_tokens > 0
+    except Exception as e:  # count it, keep going
+        r.error = f"{type(e).__name__}: {e}"
+    return r
+
+
+def http_session(api_key: str | None = None):
     import aiohttp
 
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector,
-                                     headers=headers) as session:
+    return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
+                                 headers=headers)
+
+
+async def http_run(args, w: Workload) -> tuple[list[Result], float]:
+    async with http_session(args.api_key) as session:
         async def one(i: int) -> Result:
-            body = {"model": args.model, "prompt": w.prompts[i], "max_tokens": w.output_len,
-                    "temperature": 0.0, "ignore_eos": True, "stream": True,
-                    "stream_options": {"include_usage": True}}
-            r = Result(start=time.perf_counter())
-            last = r.start
-            try:
-                async with session.post(args.url.rstrip("/") + "/v1/completions",
-                                        json=body) as resp:
-                    if resp.status != 200:
-                        r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                        return r
-                    async for raw in resp.content:
-                        line = raw.decode().strip()
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        data = json.loads(line[6:])
-                        now = time.perf_counter()
-                        if data.get("usage"):
-                            r.output_tokens = data["usage"]["completion_tokens"]
-                        if any(c.get("text") for c in data.get("choices", [])):
-                            if not r.ttft:
-                                r.ttft = now - r.start
-                            else:
-                                r.itl.append(now - last)
-                            last = now
-                r.latency = time.perf_counter() - r.start
-                r.ok = r.output_tokens > 0
-            except Exception as e:  # count it, keep going
-                r.error = f"{type(e).__name__}: {e}"
-            return r
+            return await stream_completion(session, args.url, args.model, w.prompts[i],
+                                           w.output_len)
 
         await one(0)  # warm-up: first-request costs are not throughput
         return await drive(w, one)

@@ -12,21 +12,26 @@ reports it to the router and places the request again, at the head of the queue,
 prompt + the tokens generated so far as its new prompt and `max_tokens` / `min_tokens`
 reduced by as many. The caller's stream just continues: no token is lost or repeated, and
 greedy output equals an undisturbed run (the KV of the continued prompt is recomputed,
-often from the new worker's prefix cache). Limits: a request with n > 1 samples fails
-with `WorkerDied` once it produced output (its samples diverged); a seeded sampled
-stream restarts its generator, so it continues validly but not bit-identically; penalties
-that count only output tokens (presence, frequency) see the earlier output as prompt.
+often from the new worker's prefix cache). A request of n > 1 samples that already
+produced output continues as one n = 1 request per unfinished sample (their outputs
+diverged), merged back under the samples' indices. Limits: a seeded sampled stream
+restarts its generator, so it continues validly but not bit-identically; penalties that
+count only output tokens (presence, frequency) see the earlier output as prompt.
+
+A draining worker past its deadline hands its requests over (`StreamChunk.handed_over`):
+the same continuation, without reporting the worker as failed or counting an attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from raysvc.cluster.protocol import SeqDelta, StreamChunk, Ticket, WorkerDied
+from raysvc.cluster.protocol import HandedOver, SeqDelta, StreamChunk, Ticket, WorkerDied
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +73,10 @@ def _take(queue: asyncio.Queue, item: StreamChunk | BaseException) -> StreamChun
     up here; handing them on as one chunk means one SSE event instead of several, so the
     HTTP path's cost per token shrinks exactly when it matters. An error wins.
     """
-    while not queue.empty() and not isinstance(item, BaseException) and not item.error:
+    while (not queue.empty() and not isinstance(item, BaseException) and not item.error
+           and not item.handed_over):
         nxt = queue.get_nowait()
-        if isinstance(nxt, BaseException) or nxt.error:
+        if isinstance(nxt, BaseException) or nxt.error or nxt.handed_over:
             return nxt
         item = merge_chunks(item, nxt)
     return item
@@ -123,10 +129,18 @@ class ClusterClient:
         """Stream one request's chunks; raises Overloaded / NoWorkers / WorkerDied / ValueError."""
         from ray.exceptions import RayActorError
 
-        generated: list[int] = []  # n == 1: tokens streamed so far (they join the prompt)
+        outputs: dict[int, list[int]] = {i: [] for i in range(n)}  # tokens streamed per sample
+        ended: set[int] = set()  # samples that finished
         produced = False
-        for attempt in range(self.max_attempts):
+        failures = 0
+        for attempt in itertools.count():
+            if produced and n > 1:  # the samples diverged: each goes on as its own request
+                async for chunk in self._continue_samples(request_id, prompt_token_ids, params,
+                                                          outputs, ended):
+                    yield chunk
+                return
             ticket_id = f"{request_id}/{attempt}"
+            generated = outputs[0] if n == 1 else []
             prompt = list(prompt_token_ids) + generated
             ticket: Ticket | None = None
             channel: _Channel | None = None
@@ -144,27 +158,74 @@ class ClusterClient:
                     item = _take(queue, await queue.get())
                     if isinstance(item, BaseException):
                         raise item
+                    if item.handed_over:
+                        raise HandedOver(f"worker {ticket.worker_id} handed {ticket_id} over")
                     if item.error:
                         raise _EngineFailed(f"worker {ticket.worker_id} failed: {item.error}")
                     produced, finished = True, item.finished
-                    if n == 1:
-                        generated += [t for d in item.deltas for t in d.token_ids]
+                    for d in item.deltas:
+                        outputs[d.index] += d.token_ids
+                        if d.finish_reason is not None:
+                            ended.add(d.index)
                     item.num_prompt_tokens = len(prompt_token_ids)
                     yield item
                 return
+            except HandedOver as e:  # a drained worker's deadline: not a failure
+                logger.info("%s; continuing it elsewhere", e)
             except (RayActorError, _EngineFailed) as e:
                 if ticket is None:
                     raise
                 logger.warning("worker %s failed during %s: %r", ticket.worker_id, ticket_id, e)
                 self.router.worker_failed.remote(ticket.worker_id)
-                if produced and n > 1:
-                    raise WorkerDied(f"worker {ticket.worker_id} died while serving the request "
-                                     f"({type(e).__name__}); retry it") from e
+                failures += 1
+                if failures >= self.max_attempts:
+                    raise WorkerDied(f"request {request_id}: {failures} workers died while "
+                                     f"serving it; giving up") from e
             finally:
                 if channel is not None:
                     channel.queues.pop(ticket_id, None)
                 if ticket is not None and not finished:
                     ticket.worker.abort.remote(ticket_id)
                 self.router.release.remote(ticket_id)
-        raise WorkerDied(f"request {request_id}: {self.max_attempts} workers died while serving "
-                         f"it; giving up")
+
+    async def _continue_samples(self, request_id: str, prompt_token_ids: list[int],
+                                params: dict[str, Any], outputs: dict[int, list[int]],
+                                ended: set[int]) -> AsyncIterator[StreamChunk]:
+        """The unfinished samples of an n > 1 request whose worker went away, each as an
+        n = 1 request of prompt + its tokens so far (its seed, if any, is the one sample
+        `index` had: seed + index), their chunks merged back under the samples' indices."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def one(index: int) -> None:
+            sub = {**params, "n": 1}
+            if sub.get("seed") is not None:
+                sub["seed"] = int(sub["seed"]) + index
+            sub = _continued(sub, len(outputs[index]))
+            try:
+                async for chunk in self.generate(f"{request_id}.s{index}",
+                                                 list(prompt_token_ids) + outputs[index], sub):
+                    for d in chunk.deltas:
+                        d.index = index
+                    queue.put_nowait(chunk)
+                queue.put_nowait(None)
+            except BaseException as e:
+                queue.put_nowait(e)
+                raise
+
+        tasks = [asyncio.create_task(one(i)) for i in sorted(outputs) if i not in ended]
+        try:
+            pending = len(tasks)
+            while pending:
+                item = await queue.get()
+                if item is None:
+                    pending -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                item.num_prompt_tokens = len(prompt_token_ids)
+                item.finished = pending == 1 and item.finished
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -54,11 +54,27 @@ def _cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def start_router(max_queue_len: int = 1024, **kwargs: Any) -> Any:
+def draining_nodes() -> set[str]:
+    """Ids (hex) of the nodes Ray is draining before it removes them: a preemption (a
+    KubeRay pod being deleted sends one, with a deadline), or the autoscaler's v2 idle
+    termination. Ray 2.60 has no public API or push notice for this: `ray.nodes()` and
+    `ray.util.state` do not show it (the latter needs the dashboard); the GCS's draining
+    table does, and Ray Serve, Train and Data poll it the same way."""
+    from ray._private.state import state
+
+    return set(state.get_draining_nodes())
+
+
+def start_router(max_queue_len: int = 1024, resources: dict[str, float] | None = None,
+                 **kwargs: Any) -> Any:
+    """The router actor (no CPU reserved: it only waits on its callers and workers).
+    `resources` pins it, e.g. to CPU nodes: an actor on a GPU node keeps that node from
+    ever being idle, so Ray's autoscaler could not give the GPU back."""
     import ray
 
     return ray.remote(Router).options(
-        num_cpus=0, max_concurrency=max_queue_len + 1024, max_restarts=0,
+        num_cpus=0, resources=dict(resources or {}), max_concurrency=max_queue_len + 1024,
+        max_restarts=0,
     ).remote(max_queue_len=max_queue_len, **kwargs)
 
 

@@ -66,6 +66,23 @@ class ClusterMetrics:
             "Counter", "raysvc_spec_decode_num_accepted_tokens_per_pos",
             "Accepted proposed tokens by position in the proposal.", ("worker_id", "position"))
 
+        tags = ()
+        self.workers_target = _make("Gauge", "raysvc_workers_target",
+                                    "Workers the pool aims for (the autoscaler's target).", tags)
+        self.workers_ready = _make("Gauge", "raysvc_workers_ready",
+                                   "Workers taking traffic.", tags)
+        self.workers_starting = _make("Gauge", "raysvc_workers_starting",
+                                      "Workers started but not ready (pending a node, or "
+                                      "loading their model).", tags)
+        self.workers_draining = _make("Gauge", "raysvc_workers_draining",
+                                      "Workers finishing their requests before they stop.", tags)
+
+    def pool(self, target: int, ready: int, starting: int, draining: int) -> None:
+        for metric, value in ((self.workers_target, target), (self.workers_ready, ready),
+                              (self.workers_starting, starting),
+                              (self.workers_draining, draining)):
+            _record(metric, "set", value, {})
+
     def queue(self, length: int) -> None:
         _record(self.waiting, "set", length, {"worker_id": "router"})
 

@@ -117,7 +117,7 @@ class WorkerEntry:
             "spec_acceptance_rate": (load.spec_accepted_tokens / load.spec_draft_tokens
                                      if load.spec_draft_tokens else None),
             "index_blocks": len(self.index.cached), "index_pending": len(self.index.pending),
-            "draining": self.draining,
+            "draining": self.draining, "state": "draining" if self.draining else "ready",
         }
 
     def has_room(self, blocks: int, seqs: int) -> bool:

@@ -22,6 +22,10 @@ class WorkerDied(RuntimeError):
     """The worker serving a request died after the request produced output."""
 
 
+class HandedOver(RuntimeError):
+    """A draining worker gave the request back: its client continues it on another worker."""
+
+
 @dataclass(slots=True)
 class WorkerInfo:
     """Facts about a worker that do not change while it lives."""
@@ -103,6 +107,7 @@ class StreamChunk:
     deltas: list[SeqDelta] = field(default_factory=list)
     finished: bool = False
     error: str | None = None  # the worker's engine failed: the request cannot finish
+    handed_over: bool = False  # the worker is leaving: continue the request elsewhere
 
 
 @dataclass(slots=True)

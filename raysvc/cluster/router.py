@@ -13,24 +13,34 @@ load reports, which are always a little stale; the engine absorbs decode growth 
 preemption. Placement among the workers with room is prefix-aware (`placement.py`): each
 worker's `PrefixIndex` is fed by that worker's exact KV events through one long-poll task
 per worker. Workers join (and a restarted one re-joins) at any time; `drain_worker` stops
-placing on one and removes it once its requests are done. A monitor polls load reports for
-/cluster/stats and the metrics, and drops a worker that died or whose engine failed (a
-slow report is only stale).
+placing on one and removes it once its requests are done (or hands them over to the
+others at its deadline). A monitor polls load reports for /cluster/stats and the metrics,
+and drops a worker that died or whose engine failed (a slow report is only stale).
+
+Given a `worker_spec`, the router also owns an elastic pool of workers (`pool.py`):
+`start_workers` starts the initial ones, and the pool grows and drains them between
+`min_workers` and `max_workers` with the demand this ledger and queue show.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raysvc.block_hash import hash_blocks
 from raysvc.cluster.metrics import ClusterMetrics
 from raysvc.cluster.placement import PlacementConfig, Placer, WorkerEntry
 from raysvc.cluster.prefix_index import PrefixIndex
 from raysvc.cluster.protocol import NoWorkers, Overloaded, Ticket, WorkerInfo, WorkerLoad
+
+if TYPE_CHECKING:
+    from raysvc.cluster.autoscaler import PoolSignals
+    from raysvc.cluster.launch import WorkerSpec
+    from raysvc.cluster.pool import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +52,16 @@ class _Waiting:
     n: int
     future: asyncio.Future
     hashes: list[bytes]
+    since: float = 0.0  # monotonic time it was queued
 
 
 class Router:
     def __init__(self, max_queue_len: int = 1024, max_seqs_per_worker: int | None = None,
                  health_interval_s: float = 1.0, report_timeout_s: float = 10.0,
                  placement: PlacementConfig | dict[str, Any] | None = None,
-                 events_wait_s: float = 1.0) -> None:
+                 events_wait_s: float = 1.0, worker_spec: WorkerSpec | None = None,
+                 min_workers: int = 1, max_workers: int | None = None,
+                 autoscaling: dict[str, Any] | None = None) -> None:
         self.max_queue_len = max_queue_len
         self.max_seqs_per_worker = max_seqs_per_worker
         self.health_interval_s = health_interval_s
@@ -64,14 +77,73 @@ class Router:
         self._owner: dict[str, str] = {}  # admitted ticket -> worker id
         self._released: OrderedDict[str, None] = OrderedDict()  # releases that beat acquire
         self._monitor: asyncio.Task | None = None
-        self._metrics = ClusterMetrics()
+        self.metrics = ClusterMetrics()
+        self.pool: WorkerPool | None = None
+        self.handed_over = 0  # requests drained workers handed to others at their deadline
+        self._pool_args = (worker_spec, min_workers, max_workers or min_workers, autoscaling)
+        if worker_spec is not None:  # refuse bad knobs at construction, not at start
+            from raysvc.cluster.autoscaler import AutoscalingConfig, ScalingPolicy
+
+            ScalingPolicy(AutoscalingConfig.parse(autoscaling), min_workers,
+                          max_workers or min_workers)
+
+    # -- the elastic pool --------------------------------------------------------------
+
+    async def start_workers(self, num_workers: int, timeout_s: float = 600.0) -> int:
+        """Start the pool with `num_workers` workers; return how many became ready."""
+        spec, lo, hi, knobs = self._pool_args
+        if spec is None:
+            raise RuntimeError("this router was not given a worker_spec")
+        if self.pool is None:
+            import ray
+
+            from raysvc.cluster.launch import draining_nodes, start_worker
+            from raysvc.cluster.pool import WorkerPool
+
+            me = ray.get_runtime_context().current_actor
+            self.attach_pool(WorkerPool(
+                self, lambda worker_id: start_worker(worker_id, spec, me), ray.kill, lo, hi,
+                knobs, seats_per_worker=int(spec.engine_kwargs.get("max_num_seqs", 256)),
+                draining_nodes=draining_nodes))
+        return await self.pool.start(num_workers, timeout_s)
+
+    def attach_pool(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    def entry(self, worker_id: str) -> WorkerEntry | None:
+        return self._workers.get(worker_id)
+
+    def pool_signals(self, now: float, current: int) -> PoolSignals:
+        from raysvc.cluster.autoscaler import PoolSignals
+
+        workers = list(self._workers.values())
+        queued_blocks = 0
+        if workers:
+            w = workers[0]
+            queued_blocks = sum(w.need(q.num_prompt_tokens, q.n)[0] for q in self._queue)
+        default_seats = self.pool.default_seats if self.pool else 256
+        return PoolSignals(
+            now=now, queued_seqs=sum(q.n for q in self._queue), queued_blocks=queued_blocks,
+            running_seqs=sum(w.used_seqs for w in workers),
+            used_blocks=sum(w.used_blocks for w in workers),
+            seats_per_worker=min((w.max_seqs for w in workers), default=default_seats),
+            blocks_per_worker=min((w.kv_blocks_total for w in workers), default=0),
+            current=current,
+            oldest_wait_s=now - self._queue[0].since if self._queue else 0.0)
+
+    def pool_changed(self) -> None:
+        """A pool member failed to start: queued requests may have nobody left to wait for."""
+        self._fail_queue_if_hopeless()
 
     # -- membership --------------------------------------------------------------------
 
     async def add_worker(self, worker_id: str, handle: Any) -> WorkerInfo:
         info: WorkerInfo = await handle.info.remote()
         max_seqs = min(info.max_num_seqs, self.max_seqs_per_worker or info.max_num_seqs)
-        if worker_id in self._workers:  # a restarted actor re-joins: its cache starts empty
+        known = self._workers.get(worker_id)
+        if known is not None and known.info.pid == info.pid:  # joined already (twice asked)
+            return info
+        if known is not None:  # a restarted actor re-joins: its cache starts empty
             self.remove_worker(worker_id)
         index = PrefixIndex(self.placement.max_pending_blocks, self.placement.pending_ttl_s)
         entry = self._workers[worker_id] = WorkerEntry(info, handle, max_seqs, index)
@@ -92,15 +164,29 @@ class Router:
             feed.cancel()
         for ticket_id in worker.admitted:
             self._owner.pop(ticket_id, None)
-        self._metrics.forget_worker(worker_id)
+        self.metrics.forget_worker(worker_id)
         logger.warning("router: worker %s removed", worker_id)
-        if not self._workers:
-            while self._queue:
-                waiting = self._queue.popleft()
-                if not waiting.future.done():
-                    waiting.future.set_exception(NoWorkers("no live worker is left"))
+        self._fail_queue_if_hopeless()
         self._dispatch()
         return True
+
+    def _hopeless(self) -> bool:
+        """No worker now, and none coming: waiting would be forever."""
+        return not self._workers and not (self.pool is not None and self.pool.can_grow())
+
+    def _fail_queue_if_hopeless(self) -> None:
+        if not self._hopeless():
+            return
+        while self._queue:
+            waiting = self._queue.popleft()
+            if not waiting.future.done():
+                waiting.future.set_exception(self._no_workers())
+
+    def _no_workers(self) -> NoWorkers:
+        why = "no live worker is left"
+        if self.pool is not None and self.pool.last_start_error:
+            why += f"; the last worker start failed: {self.pool.last_start_error}"
+        return NoWorkers(why)
 
     async def worker_failed(self, worker_id: str) -> bool:
         """A caller saw `worker_id` fail; remove it if it is really gone. True if removed."""
@@ -129,17 +215,17 @@ class Router:
         """
         if self._released.pop(ticket_id, "absent") is None:
             return None
-        if not self._workers:
-            raise NoWorkers("no worker is registered")
+        if self._hopeless():
+            raise self._no_workers()
         if len(self._queue) >= self.max_queue_len and not retry:
             raise Overloaded(f"server overloaded: {len(self._queue)} requests are waiting")
         hashes: list[bytes] = []
-        if prompt_token_ids:
+        if prompt_token_ids and self._workers:
             block_size = next(iter(self._workers.values())).block_size
             # a hit never covers the last prompt token: its logits are needed
             hashes = hash_blocks(prompt_token_ids[:-1], block_size, cache_salt)
         waiting = _Waiting(ticket_id, num_prompt_tokens, n,
-                           asyncio.get_running_loop().create_future(), hashes)
+                           asyncio.get_running_loop().create_future(), hashes, time.monotonic())
         if retry:
             self._queue.appendleft(waiting)
         else:
@@ -193,20 +279,42 @@ class Router:
             worker.requests_routed += 1
             self._owner[head.ticket_id] = worker.info.worker_id
             head.future.set_result(Ticket(head.ticket_id, worker.info.worker_id, worker.handle))
-        self._metrics.queue(len(self._queue))
+        self.metrics.queue(len(self._queue))
 
     async def drain_worker(self, worker_id: str, timeout_s: float = 600.0) -> bool:
         """Stop placing requests on `worker_id`, wait until its admitted ones are released,
-        then remove it (scale-down, upgrade). False if unknown; TimeoutError if still busy."""
+        then remove it (scale-down, upgrade). Requests still there after `timeout_s` are
+        handed over: the worker ends their streams with a hand-over mark and their clients
+        continue them on other workers (seamless failover). A worker of the pool is also
+        stopped (and replaced, if the pool's target still counts it). False if unknown."""
+        if self.pool is not None and self.pool.state_of(worker_id) == "ready":
+            return await self.pool.drain(worker_id, timeout_s)
+        return await self.remove_after_drain(worker_id, timeout_s)
+
+    async def remove_after_drain(self, worker_id: str, timeout_s: float) -> bool:
+        """`drain_worker` itself: the router's side of draining one worker."""
         worker = self._workers.get(worker_id)
         if worker is None:
             return False
         worker.draining = True
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        self._dispatch()  # the queue head may have been waiting for this worker's prefix
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        handed_over = False
         while worker.admitted and self._workers.get(worker_id) is worker:
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"worker {worker_id} still holds {len(worker.admitted)} "
-                                   f"requests after {timeout_s}s")
+            if loop.time() > deadline and not handed_over:
+                logger.warning("router: drain of %s passed its %gs deadline; handing %d "
+                               "request(s) over", worker_id, timeout_s, len(worker.admitted))
+                handed_over = True
+                try:
+                    self.handed_over += await asyncio.wait_for(
+                        worker.handle.hand_over.remote(), self.report_timeout_s)
+                except Exception as e:  # dead or stuck: its clients fail over anyway
+                    logger.warning("router: hand-over on %s failed: %r", worker_id, e)
+                    break
+                deadline = loop.time() + self.report_timeout_s  # for the clients to leave
+            elif handed_over and loop.time() > deadline:
+                break
             await asyncio.sleep(0.05)
         if self._workers.get(worker_id) is worker:
             self.remove_worker(worker_id)
@@ -248,7 +356,7 @@ class Router:
             return_exceptions=True)
         for worker, result in zip(workers, results, strict=True):
             if isinstance(result, WorkerLoad) and result.healthy:
-                self._metrics.worker(worker.info.worker_id, result, previous=worker.load)
+                self.metrics.worker(worker.info.worker_id, result, previous=worker.load)
                 worker.load, worker.missed_reports = result, 0
             elif isinstance(result, TimeoutError):
                 # Busy, not dead (a first GPU step may compile kernels for minutes): its
@@ -262,12 +370,25 @@ class Router:
 
     async def stats(self) -> dict[str, Any]:
         await self.refresh()
-        return {
+        n = len(self._workers)
+        out = {
             "queue_len": len(self._queue),
             "workers": [w.stats() for w in self._workers.values()],
             "index_size": sum(w.index.size() for w in self._workers.values()),
             "placement": self.placement.policy,
+            "target_workers": n, "min_workers": n, "max_workers": n,
+            "requests_handed_over": self.handed_over,
         }
+        if self.pool is not None:
+            out.update(self.pool.stats())
+            out["workers"] += self.pool.starting_rows()
+        return out
+
+    def health(self) -> dict[str, int]:
+        """Workers by state; the service is up while `ready` > 0."""
+        ready = sum(1 for w in self._workers.values() if not w.draining)
+        starting = 0 if self.pool is None else self.pool.stats()["starting_workers"]
+        return {"ready": ready, "draining": len(self._workers) - ready, "starting": starting}
 
     def workers(self) -> dict[str, WorkerInfo]:
         return {worker_id: w.info for worker_id, w in self._workers.items()}

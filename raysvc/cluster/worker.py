@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raysvc.cluster.prefix_index import KVEventLog
-from raysvc.cluster.protocol import KVEventsReply, SeqDelta, StreamChunk, WorkerInfo, WorkerLoad
+from raysvc.cluster.protocol import (
+    HandedOver,
+    KVEventsReply,
+    SeqDelta,
+    StreamChunk,
+    WorkerInfo,
+    WorkerLoad,
+)
 
 
 @dataclass
@@ -150,6 +157,21 @@ class LLMWorker:
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 
+    async def hand_over(self) -> int:
+        """End every request here with a hand-over mark (this worker is being drained past
+        its deadline): each stream gets what it has so far, then the mark, and its client
+        continues it on another worker with prompt + tokens so far. Returns how many."""
+        count = 0
+        for ch in self._channels.values():
+            for request_id, task in list(ch.pumps.items()):
+                if request_id in ch.failed:
+                    continue
+                ch.failed[request_id] = HandedOver(f"worker {self.worker_id} is draining")
+                task.cancel()  # leaving the engine's stream aborts the request there
+                count += 1
+            ch.moved.set()
+        return count
+
     async def _pump(self, ch: _Channel, request_id: str, stream) -> None:
         from raysvc.engine.async_engine import EngineDeadError
 
@@ -185,7 +207,10 @@ class LLMWorker:
             if chunk.finished:
                 self._forget(ch, request_id)
         for request_id, error in ch.failed.items():
-            batch.append((request_id, StreamChunk(0, [], True, repr(error))))
+            if isinstance(error, HandedOver):
+                batch.append((request_id, StreamChunk(0, [], True, handed_over=True)))
+            else:
+                batch.append((request_id, StreamChunk(0, [], True, repr(error))))
             ch.latest.pop(request_id, None)
             self._forget(ch, request_id)
         ch.failed.clear()

@@ -2,9 +2,10 @@
 OpenAI ingress deployment in front of it.
 
 `build_app(args)` is the import path Serve configs name (`raysvc.serve.app:build_app`);
-`raysvc serve` calls it too. The cluster deployment (one replica) starts the router,
-the worker actors and the draft-model actor pool (`draft_workers`), and owns them — they
-live and die with the Serve application, so `serve shutdown` or deleting the app leaves
+`raysvc serve` calls it too. The cluster deployment (one replica) starts the router and
+the draft-model actor pool (`draft_workers`); the router starts the workers and scales
+them between `min_workers` and `max_workers` (`raysvc/cluster/pool.py`). All of them live
+and die with the Serve application, so `serve shutdown` or deleting the app leaves
 nothing behind. Ingress replicas ask it once for the router's handle and the model's
 facts, then talk to the router and the workers directly: Serve's request path carries
 HTTP only.
@@ -30,7 +31,14 @@ class ServeArgs(BaseModel):
 
     model: str | None = None  # checkpoint dir; None: the built-in "tiny"
     served_model_name: str | None = None  # what clients send as "model" (default: model)
-    num_workers: int = Field(1, ge=1)
+    # The worker pool: `num_workers` start, then the router scales between min and max
+    # (min == max, the default, is a fixed pool). None: from the others (see _worker_range).
+    num_workers: int | None = Field(None, ge=1)
+    min_workers: int | None = Field(None, ge=1)
+    max_workers: int | None = Field(None, ge=1)
+    # the policy's knobs (raysvc/cluster/autoscaler.py AutoscalingConfig), e.g.
+    # {"target_ongoing_requests": 32, "upscale_delay_s": 10, "downscale_delay_s": 300}
+    worker_autoscaling: dict[str, Any] = Field(default_factory=dict)
     engine: dict[str, Any] = Field(default_factory=dict)  # EngineConfig fields
     worker_num_cpus: float = Field(1.0, ge=0)
     worker_num_gpus: float | None = None  # None: 1 on a GPU cluster, else 0
@@ -48,12 +56,57 @@ class ServeArgs(BaseModel):
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(1024, ge=1)
+    # Serve's own autoscaling_config for the ingress deployment (min_replicas,
+    # max_replicas, target_ongoing_requests, ...); replaces ingress_replicas when set
+    ingress_autoscaling: dict[str, Any] | None = None
+    # How long Serve lets a stopping ingress replica finish its streams (Serve's default of
+    # 20 s would cut any LLM stream longer than that on a downscale or an upgrade).
+    ingress_graceful_shutdown_timeout_s: float = Field(600.0, ge=0)
     # Draft-model actor pool: proposals for every worker's speculation come from this many
     # draft actors (0: each worker drafts in process, if engine.speculative_config asks).
     draft_workers: int = Field(0, ge=0)
     draft_num_cpus: float = Field(1.0, ge=0)
     draft_num_gpus: float = Field(0.0, ge=0)  # e.g. 0.25: four draft actors share a GPU
     draft_torch_threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _worker_range(self) -> ServeArgs:
+        """min/max/num_workers: none set -> one fixed worker; only num_workers -> a fixed
+        pool of that size; max without min -> min 1; num_workers defaults to min."""
+        lo, hi, n = self.min_workers, self.max_workers, self.num_workers
+        if lo is None:
+            lo = 1 if hi is not None else (n or 1)
+        if hi is None:
+            hi = max(lo, n or lo)
+        if lo > hi:
+            raise ValueError(f"min_workers ({lo}) must not exceed max_workers ({hi})")
+        n = lo if n is None else n
+        if not lo <= n <= hi:
+            raise ValueError(f"num_workers ({n}) must lie within [min_workers, max_workers] "
+                             f"= [{lo}, {hi}]")
+        from raysvc.cluster.autoscaler import AutoscalingConfig
+
+        AutoscalingConfig.parse(self.worker_autoscaling)
+        self.min_workers, self.max_workers, self.num_workers = lo, hi, n
+        return self
+
+    @field_validator("ingress_autoscaling")
+    @classmethod
+    def _ingress_autoscaling_is_serves(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        from ray.serve.config import AutoscalingConfig
+
+        unknown = sorted(set(v) - set(AutoscalingConfig.model_fields))
+        if unknown:  # Serve itself ignores a misspelt knob
+            raise ValueError(f"ingress_autoscaling: unknown field(s) {', '.join(unknown)}; "
+                             f"Serve's AutoscalingConfig has "
+                             f"{', '.join(AutoscalingConfig.model_fields)}")
+        try:
+            AutoscalingConfig(**v)
+        except Exception as e:
+            raise ValueError(f"ingress_autoscaling: {e}") from None
+        return v
 
     @model_validator(mode="after")
     def _draft_pool_needs_a_draft_model(self) -> ServeArgs:
@@ -67,6 +120,11 @@ class ServeArgs(BaseModel):
 
     def model_name(self) -> str:
         return self.served_model_name or self.model or "tiny"
+
+    def autoscaling(self):
+        from raysvc.cluster.autoscaler import AutoscalingConfig
+
+        return AutoscalingConfig.parse(self.worker_autoscaling)
 
     @field_validator("placement")
     @classmethod
@@ -109,19 +167,24 @@ class ServeArgs(BaseModel):
 
 
 class RaysvcCluster:
-    """Owns the router and the workers; hands ingress replicas the router's handle."""
+    """Owns the router (which owns the workers); hands ingress replicas its handle."""
 
     def __init__(self, args: dict[str, Any]) -> None:
         import ray
 
-        from raysvc.cluster.launch import add_workers, start_router
+        from raysvc.cluster.launch import start_router
 
         a = ServeArgs(**args)
+        self.draft_actors = a.start_draft_pool()
         self.router = start_router(max_queue_len=a.max_queue_len,
                                    max_seqs_per_worker=a.max_seqs_per_worker,
-                                   placement=a.placement)
-        self.draft_actors = a.start_draft_pool()
-        self.workers = add_workers(self.router, a.worker_spec(self.draft_actors), a.num_workers)
+                                   placement=a.placement,
+                                   worker_spec=a.worker_spec(self.draft_actors),
+                                   min_workers=a.min_workers, max_workers=a.max_workers,
+                                   autoscaling=a.worker_autoscaling)
+        start_timeout = a.autoscaling().worker_start_timeout_s
+        ray.get(self.router.start_workers.remote(a.num_workers, start_timeout),
+                timeout=start_timeout + 60)
         infos = ray.get(self.router.workers.remote(), timeout=60)
         self.facts = {
             "model_path": next(iter(infos.values())).model,
@@ -174,9 +237,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         RaysvcCluster, name="RaysvcCluster", num_replicas=1,
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
     ).bind(plain)
+    replicas: dict[str, Any] = ({"autoscaling_config": a.ingress_autoscaling}
+                                if a.ingress_autoscaling else {"num_replicas": a.ingress_replicas})
     ingress = serve.deployment(
-        OpenAIIngress, name="OpenAIIngress", num_replicas=a.ingress_replicas,
+        OpenAIIngress, name="OpenAIIngress", **replicas,
         ray_actor_options={"num_cpus": a.ingress_num_cpus},
         max_ongoing_requests=a.max_ongoing_requests,
+        graceful_shutdown_timeout_s=a.ingress_graceful_shutdown_timeout_s,
     )
     return ingress.bind(cluster, plain)

@@ -171,11 +171,12 @@ class OpenAIServer:
                                          max_model_len=self.facts.max_model_len)])
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
+        """Up while at least one worker is ready (starting or draining ones do not count)."""
         try:
-            workers = await asyncio.wait_for(self.router.workers.remote(), 10)
+            workers = await asyncio.wait_for(self.router.health.remote(), 10)
         except Exception as e:
             return False, {"detail": f"router unreachable: {type(e).__name__}"}
-        return bool(workers), {"workers": len(workers)}
+        return workers["ready"] > 0, {"workers": workers["ready"], **workers}
 
     async def cluster_stats(self) -> dict[str, Any]:
         return await asyncio.wait_for(self.router.stats.remote(), 30)

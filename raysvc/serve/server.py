@@ -37,7 +37,7 @@ def start(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000,
             os.environ.setdefault("RAY_worker_niceness", "0")
             if num_cpus is None:  # enough logical CPUs that every CPU worker gets placed
                 num_cpus = max(os.cpu_count() or 1,
-                               math.ceil(args.num_workers * args.worker_num_cpus
+                               math.ceil(args.max_workers * args.worker_num_cpus
                                          + args.draft_workers * args.draft_num_cpus))
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                      logging_level="warning")
@@ -67,7 +67,10 @@ def usage_text(url: str, args: ServeArgs) -> str:
     auth = ' -H "Authorization: Bearer $RAYSVC_API_KEY"' if args.resolved_api_key() else ""
     name = args.model_name()
     drafts = f" and {args.draft_workers} draft actor(s)" if args.draft_workers else ""
-    return (f"raysvc is serving {name!r} with {args.num_workers} worker(s){drafts} at {url}/v1\n"
+    workers = f"{args.num_workers} worker(s)"
+    if args.min_workers != args.max_workers:
+        workers += f", scaling between {args.min_workers} and {args.max_workers}"
+    return (f"raysvc is serving {name!r} with {workers}{drafts} at {url}/v1\n"
             f"  curl {url}/v1/completions{auth} -H 'Content-Type: application/json' \\\n"
             f"       -d '{{\"model\": \"{name}\", \"prompt\": \"The list type\", "
             f"\"max_tokens\": 32}}'\n"

@@ -1,0 +1,270 @@
+"""The elastic worker pool's life cycle, without Ray: a real `Router` with fake workers.
+
+The pool is handed `launch` / `kill` functions that make fake worker handles (their
+`.remote()` methods are coroutines), so starting, pending, failing, draining, node
+preference and hand-over are driven and observed exactly. Ray itself is exercised by
+tests/test_cluster_autoscale.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from raysvc.cluster.pool import WorkerPool
+from raysvc.cluster.protocol import WorkerInfo, WorkerLoad
+from raysvc.cluster.router import Router
+
+FAST = {"upscale_delay_s": 0, "downscale_delay_s": 0, "look_back_period_s": 0.01,
+        "metrics_interval_s": 3600, "worker_start_timeout_s": 5, "drain_timeout_s": 5}
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return asyncio.ensure_future(self.fn(*args))
+
+
+class FakeWorker:
+    """A worker handle; `gate` holds its start (pending), `fail` makes its start raise."""
+
+    pids = itertools.count(100)
+
+    def __init__(self, worker_id: str, node: str, seqs: int = 4, blocks: int = 100,
+                 gate: asyncio.Event | None = None, fail: str | None = None):
+        self.value = WorkerInfo(worker_id, node, next(self.pids), "cpu", "m", 512, 100, 16,
+                                blocks, seqs)
+        self.gate, self.fail = gate, fail
+        self.killed = False
+        self.handed_over = 0
+        self.info = _Method(self._info)
+        self.load = _Method(self._load)
+        self.health = _Method(self._load)
+        self.hand_over = _Method(self._hand_over)
+
+    async def _info(self):
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise RuntimeError(self.fail)
+        return self.value
+
+    async def _load(self):
+        return WorkerLoad(kv_blocks_total=self.value.kv_blocks_total,
+                          kv_blocks_free=self.value.kv_blocks_total)
+
+    async def _hand_over(self):
+        self.handed_over += 1
+        return 0
+
+
+class Fleet:
+    """launch/kill for the pool; `plan` decides each new worker's node and behaviour."""
+
+    def __init__(self, plan=None):
+        self.started: dict[str, FakeWorker] = {}
+        self.plan = plan or (lambda worker_id: {"node": "n0"})
+
+    def launch(self, worker_id: str) -> FakeWorker:
+        w = FakeWorker(worker_id, **self.plan(worker_id))
+        self.started[worker_id] = w
+        return w
+
+    @staticmethod
+    def kill(handle: FakeWorker) -> None:
+        handle.killed = True
+
+    def alive(self) -> list[str]:
+        return sorted(k for k, w in self.started.items() if not w.killed)
+
+
+def make(fleet: Fleet, lo=1, hi=4, **knobs):
+    router = Router(health_interval_s=3600, report_timeout_s=1)
+    pool = WorkerPool(router, fleet.launch, fleet.kill, lo, hi, {**FAST, **knobs},
+                      seats_per_worker=4)
+    router.attach_pool(pool)
+    return router, pool
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def states(pool: WorkerPool) -> dict[str, str]:
+    return {wid: m.state for wid, m in sorted(pool.members.items())}
+
+
+def test_starts_initial_workers_and_reports_them():
+    async def main():
+        fleet = Fleet()
+        router, pool = make(fleet, lo=2, hi=4)
+        assert await pool.start(2, timeout_s=5) == 2
+        stats = await router.stats()
+        assert (stats["target_workers"], stats["min_workers"], stats["max_workers"]) == (2, 2, 4)
+        assert [w["state"] for w in stats["workers"]] == ["ready", "ready"]
+        assert router.health() == {"ready": 2, "draining": 0, "starting": 0}
+        pool.stop()
+
+    run(main())
+
+
+def test_burst_grows_to_max_and_queue_is_served_by_new_workers():
+    async def main():
+        fleet = Fleet()
+        router, pool = make(fleet, lo=1, hi=3)
+        await pool.start(1, 5)
+        tickets = [await router.acquire(f"r{i}", 10) for i in range(4)]  # 4 seats: full
+        waiting = [asyncio.create_task(router.acquire(f"q{i}", 10)) for i in range(8)]
+        await asyncio.sleep(0.01)
+        d = await pool.tick()  # 12 seats at 2 per worker (half of 4) -> 6, clamped to 3
+        assert d.target == 3 and "clamped" in d.reason
+        await asyncio.sleep(0.05)  # the two new workers join and take the queue
+        assert states(pool) == {"worker-0": "ready", "worker-1": "ready", "worker-2": "ready"}
+        admitted = [await t for t in waiting]
+        assert {t.worker_id for t in admitted} == {"worker-1", "worker-2"}
+        assert (await router.stats())["scaling_decisions"][-1]["to"] == 3
+        for t in tickets + admitted:
+            router.release(t.ticket_id)
+        pool.stop()
+
+    run(main())
+
+
+def test_scale_down_drains_the_idle_worker_on_the_emptiest_node():
+    async def main():
+        nodes = {"worker-0": "a", "worker-1": "a", "worker-2": "b"}
+        fleet = Fleet(lambda wid: {"node": nodes[wid]})
+        router, pool = make(fleet, lo=1, hi=3)
+        await pool.start(3, 5)
+        busy0 = await router.acquire("busy", 10)  # one request somewhere
+        # target: the one running seat is worth 0.5 workers -> 1; two must go
+        await pool.tick()
+        draining = {wid for wid, st in states(pool).items() if st == "draining"}
+        idle = {"worker-0", "worker-1", "worker-2"} - {busy0.worker_id}
+        # the two idle ones go; between idle ones, node b (alone) before a's second worker
+        assert draining == idle, (states(pool), busy0.worker_id)
+        await asyncio.sleep(0.1)
+        assert fleet.alive() == [busy0.worker_id]
+        assert list(router.workers()) == [busy0.worker_id]
+        router.release("busy")
+        pool.stop()
+
+    run(main())
+
+
+def test_draining_worker_finishes_then_hands_over_at_its_deadline():
+    async def main():
+        fleet = Fleet()
+        router, pool = make(fleet, lo=1, hi=2, drain_timeout_s=0.2)
+        await pool.start(2, 5)
+        t0 = await router.acquire("a", 10)
+        t1 = await router.acquire("b", 10)
+        assert {t0.worker_id, t1.worker_id} == {"worker-0", "worker-1"}  # spread
+        pool.target = 1
+        pool._scale(0.0)  # noqa: SLF001 - the decision itself is tested above
+        (victim,) = [wid for wid, st in states(pool).items() if st == "draining"]
+        # not placed on while draining
+        t2 = await router.acquire("c", 10)
+        assert t2.worker_id != victim
+        await asyncio.sleep(0.5)  # past the 0.2 s deadline: its request is handed over
+        assert fleet.started[victim].handed_over == 1
+        mine = t0 if t0.worker_id == victim else t1
+        router.release(mine.ticket_id)  # the client moved it (failover releases the ticket)
+        await asyncio.sleep(0.2)
+        assert victim not in router.workers() and fleet.started[victim].killed
+        pool.stop()
+
+    run(main())
+
+
+def test_pending_worker_is_reported_stopped_and_retried():
+    async def main():
+        gate = asyncio.Event()  # never set: no node ever has room
+        fleet = Fleet(lambda wid: {"node": "n0", "gate": gate if wid != "worker-0" else None})
+        router, pool = make(fleet, lo=1, hi=2, worker_start_timeout_s=0.2)
+        await pool.start(1, 5)
+        pool.target = 2
+        pool._scale(0.0)  # noqa: SLF001
+        stats = await router.stats()
+        assert [w["state"] for w in stats["workers"]] == ["ready", "starting"]
+        await asyncio.sleep(0.4)
+        stats = await router.stats()
+        assert stats["worker_start_failures"] == 1
+        assert "worker-1" in stats["last_start_error"] and "not ready" in stats["last_start_error"]
+        assert fleet.started["worker-1"].killed
+        # retried after the back-off (1 s for the first failure), serving meanwhile
+        for r in ("x", "y", "z"):  # 3 seats at 2 per worker: still worth 2 workers
+            assert (await router.acquire(r, 10)).worker_id == "worker-0"
+        await asyncio.sleep(1.1)
+        assert (await pool.tick()).target == 2
+        assert "worker-2" in fleet.started and states(pool)["worker-2"] == "starting"
+        pool.stop()
+
+    run(main())
+
+
+def test_failing_worker_start_backs_off_and_does_not_take_the_router_down():
+    async def main():
+        fleet = Fleet(lambda wid: {"node": "n0",
+                                   "fail": None if wid == "worker-0" else "bad model path"})
+        router, pool = make(fleet, lo=2, hi=2)
+        assert await pool.start(2, 5) == 1  # one of two came up; the other is retried
+        stats = await router.stats()
+        assert "bad model path" in stats["last_start_error"]
+        assert (await router.acquire("x", 10)).worker_id == "worker-0"
+        for _ in range(3):  # ticks inside the back-off start nothing
+            await pool.tick()
+        assert sorted(fleet.started) == ["worker-0", "worker-1"]
+        pool._retry_at = 0  # noqa: SLF001 - skip the wait
+        await pool.tick()
+        await asyncio.sleep(0.05)
+        assert sorted(fleet.started) == ["worker-0", "worker-1", "worker-2"]
+        assert pool.start_failures == 2 and pool._retry_at > 0  # noqa: SLF001 - backs off more
+        pool.stop()
+
+    run(main())
+
+
+def test_every_start_failing_fails_the_start_and_then_the_queue():
+    async def main():
+        fleet = Fleet(lambda wid: {"node": "n0", "fail": "CUDA out of memory"})
+        router, pool = make(fleet, lo=1, hi=1)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await pool.start(1, 5)
+        for _ in range(3):
+            pool._retry_at = 0  # noqa: SLF001
+            await pool.tick()
+            await asyncio.sleep(0.05)
+        from raysvc.cluster.protocol import NoWorkers
+
+        with pytest.raises(NoWorkers, match="out of memory"):
+            await router.acquire("x", 10)
+        pool.stop()
+
+    run(main())
+
+
+def test_workers_on_a_draining_node_are_drained():
+    async def main():
+        nodes = {"worker-0": "a", "worker-1": "b"}
+        fleet = Fleet(lambda wid: {"node": nodes.get(wid, "c")})
+        leaving: set[str] = set()
+        router = Router(health_interval_s=3600)
+        pool = WorkerPool(router, fleet.launch, fleet.kill, 2, 3, FAST, seats_per_worker=4,
+                          draining_nodes=lambda: set(leaving))
+        router.attach_pool(pool)
+        await pool.start(2, 5)
+        leaving.add("b")
+        await pool.tick(now=10_000.0)
+        assert states(pool)["worker-1"] == "draining"
+        await asyncio.sleep(0.05)
+        # its replacement starts elsewhere: 2 active again
+        assert "worker-1" not in pool.members and states(pool)["worker-2"] == "ready"
+        assert fleet.started["worker-2"].value.node_id == "c"
+        pool.stop()
+
+    run(main())
