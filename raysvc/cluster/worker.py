@@ -242,9 +242,15 @@ def _delta(out, sent: dict[int, tuple[int, bool]]) -> StreamChunk:
 
 
 def _restarted() -> bool:
+    import warnings
+
     import ray
 
-    return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+    if not ray.is_initialized():
+        return False
+    with warnings.catch_warnings():  # Ray's own property uses its deprecated actor_id
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ray.get_runtime_context().was_current_actor_reconstructed
 
 
 def _node_id() -> str:
