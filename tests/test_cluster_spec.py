@@ -89,7 +89,7 @@ def _accepted(rows: list[dict]) -> int:
 
 def test_greedy_through_the_draft_pool_equals_plain_decoding(cluster, expected):
     ray, c = cluster
-    assert len(c.draft_actors) == 1 and len(c.workers) == 2
+    assert len(c.draft_actors) == 1 and len(ray.get(c.router.workers.remote(), timeout=30)) == 2
     assert _generate(c.router) == expected
     rows = _worker_rows(ray, c)
     # both workers drafted through the one shared actor (their sequences kept apart)
