@@ -55,7 +55,7 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 def serve_args_from_cli(args: argparse.Namespace):
     """ServeArgs from `raysvc serve` flags (shared with `raysvc bench serve`)."""
-    from raysvc.serve.app import ServeArgs
+    from raysvc.serve.args import ServeArgs
 
     engine = {name: getattr(args, name) for name in ENGINE_FLAGS
               if getattr(args, name, None) is not None}
@@ -89,7 +89,7 @@ def serve_args_from_cli(args: argparse.Namespace):
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from raysvc.serve.server import serve_forever
+    from raysvc.serve.launcher import serve_forever
 
     try:
         serve_args = serve_args_from_cli(args)

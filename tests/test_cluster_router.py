@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from raysvc.cluster.protocol import NoWorkers, Overloaded, WorkerInfo, WorkerLoad
+from raysvc.cluster.messages import NoWorkers, Overloaded, WorkerInfo, WorkerLoad
 from raysvc.cluster.router import Router
 
 
@@ -174,7 +174,7 @@ def test_workers_join_and_leave():
 
 def test_merge_chunks_concatenates_per_sample():
     from raysvc.cluster.client import merge_chunks
-    from raysvc.cluster.protocol import SeqDelta, StreamChunk
+    from raysvc.cluster.messages import SeqDelta, StreamChunk
 
     a = StreamChunk(4, [SeqDelta(0, [1, 2], [{1: (-0.1, 1)}, {2: (-0.2, 1)}]),
                         SeqDelta(1, [7])])

@@ -32,7 +32,8 @@ def _prompt_ids() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from raysvc.serve.app import RaysvcCluster, ServeArgs
+    from raysvc.serve.app import RaysvcCluster
+    from raysvc.serve.args import ServeArgs
 
     ray = fresh_ray()
     ray.init(num_cpus=4, include_dashboard=False, logging_level="warning",
@@ -158,8 +159,8 @@ def _wait_restarted(ray, actor, timeout_s: float = 120.0) -> None:
 def test_spec_counters_grow_by_each_reports_increase():
     """Load reports carry cumulative counts; Prometheus counters get the differences,
     and a restarted worker (counts back to small numbers) is not read as negative."""
+    from raysvc.cluster.messages import WorkerLoad
     from raysvc.cluster.metrics import ClusterMetrics
-    from raysvc.cluster.protocol import WorkerLoad
 
     class Recorder:
         def __init__(self):

@@ -13,9 +13,9 @@ import random
 import torch
 
 from raysvc.block_hash import hash_blocks
+from raysvc.cluster.messages import WorkerInfo
 from raysvc.cluster.placement import PlacementConfig, Placer, WorkerEntry
 from raysvc.cluster.prefix_index import KVEventLog, PrefixIndex
-from raysvc.cluster.protocol import WorkerInfo
 
 
 def test_index_follows_engine_events_through_lost_replies_and_overflow():

@@ -1,7 +1,7 @@
 """The HTTP layer against a scripted cluster (no Ray, no engine): how cluster failures and
 client disconnects surface. The FastAPI app runs under uvicorn on 127.0.0.1; the router
 and worker are fakes with Ray's call shape (`handle.method.remote(...)` -> awaitable), so
-the real ingress code (OpenAIServer, Generation, ClusterClient) runs unchanged.
+the real ingress code (OpenAIHandler, Generation, ClusterClient) runs unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from ray.exceptions import ActorDiedError
 
-from raysvc.cluster.protocol import NoWorkers, Overloaded, SeqDelta, StreamChunk, Ticket
+from raysvc.cluster.messages import NoWorkers, Overloaded, SeqDelta, StreamChunk, Ticket
 
 
 class _M:
@@ -116,11 +116,11 @@ def serve_app(tokenizer, router):
     """Run the app on a free port in a thread; returns (url, stop)."""
     import uvicorn
 
-    from raysvc.serve.api import build_api
-    from raysvc.serve.openai_server import OpenAIServer
-    from raysvc.serve.requests import ModelFacts
+    from raysvc.serve.handler import OpenAIHandler
+    from raysvc.serve.http_api import build_api
+    from raysvc.serve.planner import ModelFacts
 
-    server = OpenAIServer(tokenizer, ModelFacts("m", 256, 512), router,
+    server = OpenAIHandler(tokenizer, ModelFacts("m", 256, 512), router,
                           disconnect_poll_s=0.05)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -30,7 +30,8 @@ def test_serve_config_is_accepted_by_serve_and_builds_the_app():
 def test_serve_args_refuse_unknown_and_bad_values():
     from pydantic import ValidationError
 
-    from raysvc.serve.app import ServeArgs, build_app
+    from raysvc.serve.app import build_app
+    from raysvc.serve.args import ServeArgs
 
     with pytest.raises(ValidationError, match="num_wrokers"):
         ServeArgs(num_wrokers=2)
@@ -52,7 +53,7 @@ def test_cli_serve_rejects_bad_flags_before_starting_ray():
 def test_draft_pool_args():
     from pydantic import ValidationError
 
-    from raysvc.serve.app import ServeArgs
+    from raysvc.serve.args import ServeArgs
 
     a = ServeArgs(draft_workers=2)  # implies a draft-model speculative config
     assert a.engine["speculative_config"] == {"method": "draft_model"}
@@ -80,7 +81,7 @@ def test_cli_serve_rejects_bad_speculation_flags(flags, field):
 def test_worker_range_defaults_and_errors():
     from pydantic import ValidationError
 
-    from raysvc.serve.app import ServeArgs
+    from raysvc.serve.args import ServeArgs
 
     def rng(**kw):
         a = ServeArgs(**kw)

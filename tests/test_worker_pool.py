@@ -13,8 +13,8 @@ import itertools
 
 import pytest
 
+from raysvc.cluster.messages import WorkerInfo, WorkerLoad
 from raysvc.cluster.pool import WorkerPool
-from raysvc.cluster.protocol import WorkerInfo, WorkerLoad
 from raysvc.cluster.router import Router
 
 FAST = {"upscale_delay_s": 0, "downscale_delay_s": 0, "look_back_period_s": 0.01,
@@ -239,7 +239,7 @@ def test_every_start_failing_fails_the_start_and_then_the_queue():
             pool._retry_at = 0  # noqa: SLF001
             await pool.tick()
             await asyncio.sleep(0.05)
-        from raysvc.cluster.protocol import NoWorkers
+        from raysvc.cluster.messages import NoWorkers
 
         with pytest.raises(NoWorkers, match="out of memory"):
             await router.acquire("x", 10)

@@ -105,15 +105,15 @@ async def _load(url: str, model: str, run: Run, prompts: list[list[int]], output
 
 
 def run_pool(name: str, serve_args, prompts, output_len, times, poll_s, num_cpus) -> Run:
-    from raysvc.serve import server
+    from raysvc.serve import launcher
 
-    url = server.start(serve_args, port=_free_port(), num_cpus=num_cpus)
+    url = launcher.start(serve_args, port=_free_port(), num_cpus=num_cpus)
     run = Run(name)
     try:
         asyncio.run(_load(url, serve_args.model_name(), run, prompts, output_len, times,
                           poll_s))
     finally:
-        server.stop(local=True)
+        launcher.stop(local=True)
     return run
 
 

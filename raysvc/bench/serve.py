@@ -240,14 +240,14 @@ def main(argv: list[str] | None = None) -> int:
                               *asyncio.run(engine_run(args, w, serve_args.engine))))
     local = args.url is None
     if local:
-        from raysvc.serve import server
+        from raysvc.serve import launcher
 
-        args.url = server.start(serve_args, port=_free_port(), num_cpus=args.num_cpus)
+        args.url = launcher.start(serve_args, port=_free_port(), num_cpus=args.num_cpus)
     try:
         rows.insert(0, summarize(f"HTTP {args.url}", *asyncio.run(http_run(args, w))))
     finally:
         if local:
-            server.stop(local=True)
+            launcher.stop(local=True)
 
     load = (f"rate {args.request_rate}/s" if args.request_rate
             else f"concurrency {args.concurrency}")

@@ -5,7 +5,7 @@ Tokens flow worker -> caller; the router only decides where and when (see DESIGN
 
 from raysvc.cluster.client import ClusterClient
 from raysvc.cluster.launch import WorkerSpec, add_workers, start_router
-from raysvc.cluster.protocol import (
+from raysvc.cluster.messages import (
     NoWorkers,
     Overloaded,
     SeqDelta,

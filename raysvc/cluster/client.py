@@ -31,12 +31,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from raysvc.cluster.protocol import HandedOver, SeqDelta, StreamChunk, Ticket, WorkerDied
+from raysvc.cluster.messages import HandedOver, SeqDelta, StreamChunk, Ticket, WorkerDied
 
 logger = logging.getLogger(__name__)
 
 
-class _Channel:
+class _ChannelReader:
     """This process's end of one worker's output channel: chunks fan out to request queues."""
 
     def __init__(self, worker: Any) -> None:
@@ -116,12 +116,12 @@ class ClusterClient:
     def __init__(self, router: Any, max_attempts: int = 3) -> None:
         self.router = router  # ray ActorHandle of a Router
         self.max_attempts = max_attempts
-        self._channels: dict[str, _Channel] = {}  # worker id -> channel
+        self._channels: dict[str, _ChannelReader] = {}  # worker id -> channel
 
-    def _channel(self, ticket: Ticket) -> _Channel:
+    def _channel(self, ticket: Ticket) -> _ChannelReader:
         channel = self._channels.get(ticket.worker_id)
         if channel is None or not channel.open:
-            channel = self._channels[ticket.worker_id] = _Channel(ticket.worker)
+            channel = self._channels[ticket.worker_id] = _ChannelReader(ticket.worker)
         return channel
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
@@ -143,7 +143,7 @@ class ClusterClient:
             generated = outputs[0] if n == 1 else []
             prompt = list(prompt_token_ids) + generated
             ticket: Ticket | None = None
-            channel: _Channel | None = None
+            channel: _ChannelReader | None = None
             finished = False
             try:
                 ticket = await self.router.acquire.remote(

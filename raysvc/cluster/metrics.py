@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from raysvc.cluster.protocol import WorkerLoad
+from raysvc.cluster.messages import WorkerLoad
 
 logger = logging.getLogger(__name__)
 

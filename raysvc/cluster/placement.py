@@ -35,8 +35,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from raysvc.cluster.messages import WorkerInfo, WorkerLoad
 from raysvc.cluster.prefix_index import PrefixIndex
-from raysvc.cluster.protocol import WorkerInfo, WorkerLoad
 
 POLICIES = ("prefix", "least_loaded", "round_robin", "oracle")
 

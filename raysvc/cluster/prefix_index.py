@@ -23,7 +23,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 
-from raysvc.cluster.protocol import KVEventsReply
+from raysvc.cluster.messages import KVEventsReply
 
 
 class KVEventLog:

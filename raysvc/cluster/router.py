@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from raysvc.block_hash import hash_blocks
+from raysvc.cluster.messages import NoWorkers, Overloaded, Ticket, WorkerInfo, WorkerLoad
 from raysvc.cluster.metrics import ClusterMetrics
 from raysvc.cluster.placement import PlacementConfig, Placer, WorkerEntry
 from raysvc.cluster.prefix_index import PrefixIndex
-from raysvc.cluster.protocol import NoWorkers, Overloaded, Ticket, WorkerInfo, WorkerLoad
 
 if TYPE_CHECKING:
     from raysvc.cluster.autoscaler import PoolSignals

@@ -28,8 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from raysvc.cluster.prefix_index import KVEventLog
-from raysvc.cluster.protocol import (
+from raysvc.cluster.messages import (
     HandedOver,
     KVEventsReply,
     SeqDelta,
@@ -37,10 +36,11 @@ from raysvc.cluster.protocol import (
     WorkerInfo,
     WorkerLoad,
 )
+from raysvc.cluster.prefix_index import KVEventLog
 
 
 @dataclass
-class _Channel:
+class _ChannelState:
     moved: asyncio.Event = field(default_factory=asyncio.Event)
     latest: dict[str, Any] = field(default_factory=dict)  # request id -> newest RequestOutput
     sent: dict[str, dict[int, tuple[int, bool]]] = field(default_factory=dict)
@@ -74,7 +74,7 @@ class LLMWorker:
             model=str(llm.model_path), max_model_len=llm.max_model_len,
             vocab_size=llm.model_config.vocab_size, block_size=llm.config.block_size,
             kv_blocks_total=llm.block_manager.num_blocks, max_num_seqs=llm.config.max_num_seqs)
-        self._channels: dict[str, _Channel] = {}
+        self._channels: dict[str, _ChannelState] = {}
         self._tokens: dict[str, int] = {}  # request id -> prompt + generated tokens so far
         self._failure: BaseException | None = None
         self._kv_log = KVEventLog()
@@ -123,7 +123,7 @@ class LLMWorker:
 
     async def open_channel(self, channel_id: str) -> AsyncIterator[list[tuple[str, StreamChunk]]]:
         """Stream [(request id, chunk)] batches for the requests submitted to this channel."""
-        ch = self._channels.setdefault(channel_id, _Channel())
+        ch = self._channels.setdefault(channel_id, _ChannelState())
         due: float | None = None  # when a held-back request must be sent
         try:
             while True:
@@ -147,7 +147,7 @@ class LLMWorker:
         """Start a request whose outputs go to `channel_id`; ValueError for bad params."""
         from raysvc.engine.sampling_params import SamplingParams
 
-        ch = self._channels.setdefault(channel_id, _Channel())
+        ch = self._channels.setdefault(channel_id, _ChannelState())
         stream = await self.engine.add_request(request_id, prompt_token_ids,
                                                SamplingParams(**params))
         self._tokens[request_id] = len(prompt_token_ids)
@@ -172,7 +172,7 @@ class LLMWorker:
             ch.moved.set()
         return count
 
-    async def _pump(self, ch: _Channel, request_id: str, stream) -> None:
+    async def _pump(self, ch: _ChannelState, request_id: str, stream) -> None:
         from raysvc.engine.async_engine import EngineDeadError
 
         try:
@@ -184,7 +184,7 @@ class LLMWorker:
             ch.failed[request_id] = e
             ch.moved.set()
 
-    def _drain(self, ch: _Channel) -> tuple[list[tuple[str, StreamChunk]], float | None]:
+    def _drain(self, ch: _ChannelState) -> tuple[list[tuple[str, StreamChunk]], float | None]:
         """New outputs of the channel's requests, and when to look again for held ones.
 
         With `stream_interval_s`, a request's first tokens and its end go out at once;
@@ -216,7 +216,7 @@ class LLMWorker:
         ch.failed.clear()
         return batch, due
 
-    def _forget(self, ch: _Channel, request_id: str) -> None:
+    def _forget(self, ch: _ChannelState, request_id: str) -> None:
         ch.sent.pop(request_id, None)
         ch.pumps.pop(request_id, None)
         ch.last_sent.pop(request_id, None)

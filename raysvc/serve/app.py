@@ -14,156 +14,14 @@ HTTP only.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
+from raysvc.serve.args import ServeArgs
+
 logger = logging.getLogger(__name__)
-
-
-class ServeArgs(BaseModel):
-    """Everything `raysvc serve` and a Serve config's `args:` may set."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None  # checkpoint dir; None: the built-in "tiny"
-    served_model_name: str | None = None  # what clients send as "model" (default: model)
-    # The worker pool: `num_workers` start, then the router scales between min and max
-    # (min == max, the default, is a fixed pool). None: from the others (see _worker_range).
-    num_workers: int | None = Field(None, ge=1)
-    min_workers: int | None = Field(None, ge=1)
-    max_workers: int | None = Field(None, ge=1)
-    # the policy's knobs (raysvc/cluster/autoscaler.py AutoscalingConfig), e.g.
-    # {"target_ongoing_requests": 32, "upscale_delay_s": 10, "downscale_delay_s": 300}
-    worker_autoscaling: dict[str, Any] = Field(default_factory=dict)
-    engine: dict[str, Any] = Field(default_factory=dict)  # EngineConfig fields
-    worker_num_cpus: float = Field(1.0, ge=0)
-    worker_num_gpus: float | None = None  # None: 1 on a GPU cluster, else 0
-    worker_resources: dict[str, float] = Field(default_factory=dict)
-    worker_torch_threads: int | None = None
-    stream_interval_s: float = Field(0.0, ge=0)
-    max_queue_len: int = Field(1024, ge=1)
-    max_seqs_per_worker: int | None = Field(None, ge=1)
-    # PlacementConfig fields (raysvc/cluster/placement.py): policy, weights, thresholds
-    placement: dict[str, Any] = Field(default_factory=dict)
-    worker_max_restarts: int = Field(3, ge=-1)  # a restarted worker re-joins the router
-    api_key: str | None = None  # None: $RAYSVC_API_KEY if set, else no auth
-    max_body_bytes: int = Field(4 << 20, ge=1024)
-    max_n: int = Field(16, ge=1)
-    ingress_replicas: int = Field(1, ge=1)
-    ingress_num_cpus: float = Field(0.0, ge=0)
-    max_ongoing_requests: int = Field(1024, ge=1)
-    # Serve's own autoscaling_config for the ingress deployment (min_replicas,
-    # max_replicas, target_ongoing_requests, ...); replaces ingress_replicas when set
-    ingress_autoscaling: dict[str, Any] | None = None
-    # How long Serve lets a stopping ingress replica finish its streams (Serve's default of
-    # 20 s would cut any LLM stream longer than that on a downscale or an upgrade).
-    ingress_graceful_shutdown_timeout_s: float = Field(600.0, ge=0)
-    # Draft-model actor pool: proposals for every worker's speculation come from this many
-    # draft actors (0: each worker drafts in process, if engine.speculative_config asks).
-    draft_workers: int = Field(0, ge=0)
-    draft_num_cpus: float = Field(1.0, ge=0)
-    draft_num_gpus: float = Field(0.0, ge=0)  # e.g. 0.25: four draft actors share a GPU
-    draft_torch_threads: int | None = Field(None, ge=1)
-
-    @model_validator(mode="after")
-    def _worker_range(self) -> ServeArgs:
-        """min/max/num_workers: none set -> one fixed worker; only num_workers -> a fixed
-        pool of that size; max without min -> min 1; num_workers defaults to min."""
-        lo, hi, n = self.min_workers, self.max_workers, self.num_workers
-        if lo is None:
-            lo = 1 if hi is not None else (n or 1)
-        if hi is None:
-            hi = max(lo, n or lo)
-        if lo > hi:
-            raise ValueError(f"min_workers ({lo}) must not exceed max_workers ({hi})")
-        n = lo if n is None else n
-        if not lo <= n <= hi:
-            raise ValueError(f"num_workers ({n}) must lie within [min_workers, max_workers] "
-                             f"= [{lo}, {hi}]")
-        from raysvc.cluster.autoscaler import AutoscalingConfig
-
-        AutoscalingConfig.parse(self.worker_autoscaling)
-        self.min_workers, self.max_workers, self.num_workers = lo, hi, n
-        return self
-
-    @field_validator("ingress_autoscaling")
-    @classmethod
-    def _ingress_autoscaling_is_serves(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is None:
-            return v
-        from ray.serve.config import AutoscalingConfig
-
-        unknown = sorted(set(v) - set(AutoscalingConfig.model_fields))
-        if unknown:  # Serve itself ignores a misspelt knob
-            raise ValueError(f"ingress_autoscaling: unknown field(s) {', '.join(unknown)}; "
-                             f"Serve's AutoscalingConfig has "
-                             f"{', '.join(AutoscalingConfig.model_fields)}")
-        try:
-            AutoscalingConfig(**v)
-        except Exception as e:
-            raise ValueError(f"ingress_autoscaling: {e}") from None
-        return v
-
-    @model_validator(mode="after")
-    def _draft_pool_needs_a_draft_model(self) -> ServeArgs:
-        if self.draft_workers:
-            spec = self.engine.get("speculative_config") or {"method": "draft_model"}
-            if not isinstance(spec, dict) or spec.get("method") != "draft_model":
-                raise ValueError('draft_workers: the draft actor pool serves speculative_config '
-                                 '{"method": "draft_model"}; got ' + repr(spec))
-            self.engine = {**self.engine, "speculative_config": spec}
-        return self
-
-    def model_name(self) -> str:
-        return self.served_model_name or self.model or "tiny"
-
-    def autoscaling(self):
-        from raysvc.cluster.autoscaler import AutoscalingConfig
-
-        return AutoscalingConfig.parse(self.worker_autoscaling)
-
-    @field_validator("placement")
-    @classmethod
-    def _placement_is_valid(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from raysvc.cluster.placement import PlacementConfig
-
-        try:
-            PlacementConfig(**v)
-        except TypeError as e:
-            raise ValueError(f"placement: {e}") from None
-        return v
-
-    def resolved_api_key(self) -> str | None:
-        return self.api_key or os.environ.get("RAYSVC_API_KEY") or None
-
-    def worker_spec(self, draft_actors: list | None = None):
-        from raysvc.cluster.launch import WorkerSpec
-
-        kwargs = {**self.engine, "model": self.model}
-        return WorkerSpec(engine_kwargs=kwargs, num_cpus=self.worker_num_cpus,
-                          num_gpus=self.worker_num_gpus, resources=self.worker_resources,
-                          torch_threads=self.worker_torch_threads,
-                          stream_interval_s=self.stream_interval_s,
-                          max_restarts=self.worker_max_restarts,
-                          draft_actors=list(draft_actors or []))
-
-    def start_draft_pool(self) -> list:
-        """The draft actors (none unless `draft_workers`), sized like the workers' engines."""
-        if not self.draft_workers:
-            return []
-        from raysvc.cluster.draft_pool import start_draft_pool
-
-        e = self.engine
-        return start_draft_pool(
-            self.draft_workers, model=e["speculative_config"].get("model"),
-            num_cpus=self.draft_num_cpus, num_gpus=self.draft_num_gpus,
-            num_threads=self.draft_torch_threads or max(int(self.draft_num_cpus), 1),
-            dtype=e.get("dtype", "auto"), block_size=e.get("block_size", 16),
-            max_model_len=e.get("max_model_len") or 4096)
 
 
 class RaysvcCluster:
@@ -205,8 +63,8 @@ class OpenAIIngress:
 
     async def __init__(self, cluster: Any, args: dict[str, Any]) -> None:
         from raysvc.engine.llm_engine import load_tokenizer
-        from raysvc.serve.openai_server import OpenAIServer
-        from raysvc.serve.requests import ModelFacts
+        from raysvc.serve.handler import OpenAIHandler
+        from raysvc.serve.planner import ModelFacts
 
         a = ServeArgs(**args)
         facts = await cluster.describe.remote()
@@ -217,11 +75,11 @@ class OpenAIIngress:
         tokenizer.model_max_length = 1 << 62  # lengths are checked against the context here
         model = ModelFacts(name=a.model_name(), max_model_len=facts["max_model_len"],
                            vocab_size=facts["vocab_size"], max_n=a.max_n)
-        self.server = OpenAIServer(tokenizer, model, facts["router"],
+        self.server = OpenAIHandler(tokenizer, model, facts["router"],
                                    api_key=a.resolved_api_key(), max_body_bytes=a.max_body_bytes)
 
     def __serve_build_asgi_app__(self):
-        from raysvc.serve.api import build_api
+        from raysvc.serve.http_api import build_api
 
         return build_api(self.server)
 

@@ -11,7 +11,7 @@ import re
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from raysvc.serve.protocol import ErrorInfo, ErrorResponse
+from raysvc.serve.schema import ErrorInfo, ErrorResponse
 
 _FIELD_PREFIX = re.compile(r"^(?:Value error, )?([A-Za-z_][\w.\[\]]*): ")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from raysvc.serve.detokenizer import SampleText
 from raysvc.serve.generation import Generation
-from raysvc.serve.protocol import (
+from raysvc.serve.schema import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,

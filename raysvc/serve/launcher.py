@@ -15,7 +15,8 @@ import signal
 import threading
 import time
 
-from raysvc.serve.app import ServeArgs, build_app
+from raysvc.serve.app import build_app
+from raysvc.serve.args import ServeArgs
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`OpenAIServer`: what one ingress replica does per request, free of HTTP plumbing.
+"""`OpenAIHandler`: what one ingress replica does per request, free of HTTP plumbing.
 
 parse (strict pydantic) -> check against the model -> tokenize / chat template -> plan ->
 generate through the cluster -> shape OpenAI's response or its server-sent events. Errors
@@ -21,18 +21,19 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from raysvc.cluster.client import ClusterClient
+from raysvc.cluster.messages import NoWorkers, Overloaded, WorkerDied
 from raysvc.cluster.metrics import RequestMetrics
-from raysvc.cluster.protocol import NoWorkers, Overloaded, WorkerDied
-from raysvc.serve import requests, responses
+from raysvc.serve import planner
+from raysvc.serve import response_builders as build
 from raysvc.serve.errors import APIError, bad_request, from_validation_error
 from raysvc.serve.generation import Generation
-from raysvc.serve.protocol import (
+from raysvc.serve.planner import ModelFacts
+from raysvc.serve.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
     ModelList,
 )
-from raysvc.serve.requests import ModelFacts
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +47,14 @@ class Started:
     stream: bool
     include_usage: bool
     gen: Generation
-    plan: requests.Plan
-    cursor: responses.LogprobCursor
+    plan: planner.Plan
+    cursor: build.LogprobCursor
     created: int = field(default_factory=lambda: int(time.time()))
     iterator: AsyncIterator[list[int]] | None = None
     first: list[int] | None = None
 
 
-class OpenAIServer:
+class OpenAIHandler:
     def __init__(self, tokenizer, facts: ModelFacts, router: Any, api_key: str | None = None,
                  max_body_bytes: int = 4 << 20, disconnect_poll_s: float = 0.25) -> None:
         self.tokenizer = tokenizer
@@ -75,25 +76,25 @@ class OpenAIServer:
         except UnicodeDecodeError as e:
             raise bad_request(f"request body is not valid UTF-8 (byte {e.start})",
                               code="invalid_encoding") from e
-        model = requests.ChatCompletionRequest if chat else requests.CompletionRequest
+        model = planner.ChatCompletionRequest if chat else planner.CompletionRequest
         try:
             req: ChatCompletionRequest | CompletionRequest = model.model_validate_json(text)
         except ValidationError as e:
             raise from_validation_error(e) from e
-        requests.check_model(req.model, self.facts)
+        planner.check_model(req.model, self.facts)
         if chat:
-            prompts = [requests.chat_prompt(req, self.tokenizer)]
+            prompts = [planner.chat_prompt(req, self.tokenizer)]
             top_n = (req.top_logprobs or 0) if req.logprobs else None
         else:
-            prompts = requests.completion_prompts(req, self.tokenizer, self.facts)
+            prompts = planner.completion_prompts(req, self.tokenizer, self.facts)
             top_n = req.logprobs
-        plan = requests.plan(req, prompts, self.tokenizer, self.facts)
+        plan = planner.plan(req, prompts, self.tokenizer, self.facts)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{self._prefix}{next(self._ids):x}"
         gen = Generation(self.client, request_id, plan.prompts, plan.engine_params,
                          plan.samples)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Started(request_id, chat, req.stream, include_usage, gen, plan,
-                       responses.LogprobCursor(self.tokenizer, top_n))
+                       build.LogprobCursor(self.tokenizer, top_n))
 
     async def collect(self, s: Started) -> BaseModel:
         """Run a non-streaming request to the end and shape its response."""
@@ -108,8 +109,8 @@ class OpenAIServer:
             self._record(s)
         name = self.facts.name
         if s.chat:
-            return responses.chat_response(s.request_id, name, s.gen, s.cursor)
-        return responses.completion_response(s.request_id, name, s.gen, s.plan.prompt_texts,
+            return build.chat_response(s.request_id, name, s.gen, s.cursor)
+        return build.completion_response(s.request_id, name, s.gen, s.plan.prompt_texts,
                                              s.cursor)
 
     async def open_stream(self, s: Started) -> None:
@@ -127,25 +128,25 @@ class OpenAIServer:
         name, echoed = self.facts.name, set()
         try:
             if s.chat:
-                role = responses.chat_role_chunk(s.request_id, name, s.created,
+                role = build.chat_role_chunk(s.request_id, name, s.created,
                                                  len(s.gen.choices))
                 yield _event(role, s.include_usage)
             moved = s.first
             while moved is not None:
                 if s.chat:
-                    chunk = responses.chat_chunk(s.request_id, name, s.created, s.gen, moved,
+                    chunk = build.chat_chunk(s.request_id, name, s.created, s.gen, moved,
                                                  s.cursor)
                 else:
-                    chunk = responses.completion_chunk(s.request_id, name, s.created, s.gen,
+                    chunk = build.completion_chunk(s.request_id, name, s.created, s.gen,
                                                        moved, s.plan.prompt_texts, s.cursor,
                                                        echoed)
                 if chunk is not None:
                     yield _event(chunk, s.include_usage)
                 moved = await anext(s.iterator, None)
             if s.include_usage:
-                kind = responses.ChatCompletionChunk if s.chat else responses.CompletionResponse
+                kind = build.ChatCompletionChunk if s.chat else build.CompletionResponse
                 yield _event(kind(id=s.request_id, model=name, created=s.created, choices=[],
-                                  usage=responses.usage(s.gen)), True)
+                                  usage=build.usage(s.gen)), True)
         except Exception as e:  # after the status line: the error travels as an event
             err = cluster_error(e)
             yield f"data: {_json(err.body())}\n\n"

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from raysvc.serve.detokenizer import SampleText
 from raysvc.serve.errors import APIError, bad_request, from_validation_error
-from raysvc.serve.protocol import ChatCompletionRequest, CompletionRequest
+from raysvc.serve.schema import ChatCompletionRequest, CompletionRequest
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API as a FastAPI app over one `OpenAIServer`.
+"""The OpenAI-compatible HTTP API as a FastAPI app over one `OpenAIHandler`.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /cluster/stats. Every error leaves in OpenAI's error shape. Built per replica (Serve's
@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raysvc.serve.errors import APIError
-from raysvc.serve.openai_server import OpenAIServer
+from raysvc.serve.handler import OpenAIHandler
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def build_api(server: OpenAIServer) -> FastAPI:
+def build_api(server: OpenAIHandler) -> FastAPI:
     app = FastAPI(title="raysvc", description="OpenAI-compatible LLM serving on Ray Serve")
 
     def authorize(request: Request) -> None:
