@@ -99,7 +99,8 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, ValidationError) as e:
         print(f"raysvc serve: error: {e}", file=sys.stderr)
         return 2
-    return serve_forever(serve_args, args.host, args.port, args.address, args.num_cpus)
+    return serve_forever(serve_args, args.host, args.port, args.address, args.num_cpus,
+                         args.drain_timeout)
 
 
 # EngineConfig fields settable from the command line (name, type, help)
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", default=None,
                      help="Ray cluster to deploy on (default: start a local Ray)")
     srv.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
+    srv.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="on SIGTERM/Ctrl-C, seconds in-flight requests may finish while new "
+                          "ones get 503 (a second signal stops at once)")
 
     bench = sub.add_parser("bench", help="benchmarks (the rest of the arguments go to them)")
     bench.add_argument("what", choices=["engine", "kernels", "serve", "spec", "routing",

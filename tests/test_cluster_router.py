@@ -28,9 +28,14 @@ class FakeWorker:
         self.info_value = WorkerInfo(worker_id, "node", 1, "cpu", "m", 512, 100, block_size,
                                      blocks, seqs)
         self.dead = False
+        self.holding: list[tuple[str, int, int]] = []  # (request id, prompt tokens, n)
         self.info = _Method(self._info)
         self.load = _Method(self._load)
         self.health = _Method(self._load)
+        self.requests = _Method(self._requests)
+
+    async def _requests(self):
+        return list(self.holding)
 
     async def _info(self):
         return self.info_value
@@ -39,7 +44,8 @@ class FakeWorker:
         if self.dead:
             raise RuntimeError("dead")
         return WorkerLoad(kv_blocks_total=self.info_value.kv_blocks_total,
-                          kv_blocks_free=self.info_value.kv_blocks_total)
+                          kv_blocks_free=self.info_value.kv_blocks_total,
+                          request_ids=[r for r, _, _ in self.holding])
 
 
 def run(coro):
@@ -184,3 +190,77 @@ def test_merge_chunks_concatenates_per_sample():
         (0, [1, 2, 3], "length"), (1, [7], None)]
     assert [list(x) for x in m.deltas[0].logprobs] == [[1], [2], [3]]
     assert a.deltas[0].token_ids == [1, 2]  # inputs untouched
+
+
+def test_a_router_rebuilds_its_ledger_from_the_workers():
+    """A restarted router starts empty; joining workers tell it what they run, so it admits
+    exactly the room that is really left (the workers are the truth)."""
+    async def main():
+        router = Router(health_interval_s=60)
+        w = FakeWorker("w", blocks=10, seqs=3, block_size=16)
+        w.holding = [("old-a", 64, 1), ("old-b", 16, 1)]  # 5 + 2 blocks, 2 seats
+        await router.add_worker("w", w)
+        row = (await router.stats())["workers"][0]
+        assert row["requests_admitted"] == 2
+        await router.acquire("new", 16)  # the last seat (2 blocks: 9 of 10)
+        late = asyncio.create_task(router.acquire("late", 16))
+        assert await _pending(late)
+        router.release("old-a")  # its client finishes and releases as usual
+        assert (await late).worker_id == "w"
+        for t in ("old-b", "new", "late"):
+            router.release(t)
+        assert (await router.stats())["workers"][0]["requests_admitted"] == 0
+
+    run(main())
+
+
+def test_tickets_a_worker_does_not_hold_are_released_after_the_grace():
+    """A release lost while the router was away would hold seats forever; load reports
+    carry what each worker holds, and the router lets go of the rest."""
+    async def main():
+        router = Router(health_interval_s=60, ledger_grace_s=0.05)
+        w = FakeWorker("w", seqs=2)
+        await router.add_worker("w", w)
+        await router.acquire("held", 8)
+        await router.acquire("lost", 8)  # its release never arrives
+        w.holding = [("held", 8, 1)]
+        await router.refresh()  # within the grace: kept (a ticket before its submit)
+        assert (await router.stats())["workers"][0]["requests_admitted"] == 2
+        await asyncio.sleep(0.1)
+        await router.refresh()
+        assert (await router.stats())["workers"][0]["requests_admitted"] == 1
+        assert (await router.acquire("next", 8)).worker_id == "w"  # its seat is free again
+
+    run(main())
+
+
+def test_asking_twice_for_the_same_ticket_admits_once():
+    async def main():
+        router = Router(health_interval_s=60)
+        await router.add_worker("w", FakeWorker("w", seqs=2))
+        first = await router.acquire("t", 8)
+        again = await router.acquire("t", 8)  # the answer to the first ask was lost
+        assert again.worker_id == first.worker_id
+        assert (await router.stats())["workers"][0]["requests_admitted"] == 1
+
+    run(main())
+
+
+def test_a_closing_router_refuses_new_requests_and_counts_the_rest():
+    async def main():
+        from raysvc.cluster.messages import ShuttingDown
+
+        router = Router(health_interval_s=60)
+        await router.add_worker("w", FakeWorker("w", seqs=1))
+        await router.acquire("running", 8)
+        queued = asyncio.create_task(router.acquire("queued", 8))
+        assert await _pending(queued)
+        assert router.close() == 2  # still in flight: one running, one queued
+        with pytest.raises(ShuttingDown):
+            await router.acquire("new", 8)
+        router.release("running")
+        await queued  # accepted before the close: it still runs
+        router.release("queued")
+        assert router.close() == 0
+
+    run(main())

@@ -45,6 +45,10 @@ class FakeWorker:
         self.load = _Method(self._load)
         self.health = _Method(self._load)
         self.hand_over = _Method(self._hand_over)
+        self.requests = _Method(self._requests)
+
+    async def _requests(self):
+        return []
 
     async def _info(self):
         if self.gate is not None:

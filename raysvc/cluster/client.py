@@ -27,11 +27,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from raysvc.cluster.messages import HandedOver, SeqDelta, StreamChunk, Ticket, WorkerDied
+from raysvc.cluster.messages import (
+    HandedOver,
+    RouterUnavailable,
+    SeqDelta,
+    StreamChunk,
+    Ticket,
+    WorkerDied,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +121,37 @@ def _continued(params: dict[str, Any], num_generated: int) -> dict[str, Any]:
 
 
 class ClusterClient:
-    def __init__(self, router: Any, max_attempts: int = 3) -> None:
+    """`resolve` finds the router again by name after it died for good and was re-created;
+    `router_wait_s` bounds how long a request waits for a router that is restarting."""
+
+    def __init__(self, router: Any, max_attempts: int = 3,
+                 resolve: Callable[[], Any] | None = None, router_wait_s: float = 30.0) -> None:
         self.router = router  # ray ActorHandle of a Router
         self.max_attempts = max_attempts
+        self.resolve = resolve
+        self.router_wait_s = router_wait_s
         self._channels: dict[str, _ChannelReader] = {}  # worker id -> channel
+
+    async def _acquire(self, *args: Any) -> Ticket | None:
+        """The router's ticket, waiting out a router restart (bounded by router_wait_s)."""
+        from ray.exceptions import ActorDiedError, RayActorError
+
+        deadline, delay = time.monotonic() + self.router_wait_s, 0.05
+        while True:
+            try:
+                return await self.router.acquire.remote(*args)
+            except RayActorError as e:  # restarting (ActorUnavailableError) or dead
+                if time.monotonic() + delay > deadline:
+                    raise RouterUnavailable(f"the router did not answer for "
+                                            f"{self.router_wait_s:g}s ({type(e).__name__})"
+                                            ) from e
+                if isinstance(e, ActorDiedError) and self.resolve is not None:
+                    try:
+                        self.router = await asyncio.to_thread(self.resolve)
+                    except ValueError:  # not re-created yet
+                        pass
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def _channel(self, ticket: Ticket) -> _ChannelReader:
         channel = self._channels.get(ticket.worker_id)
@@ -146,7 +181,7 @@ class ClusterClient:
             channel: _ChannelReader | None = None
             finished = False
             try:
-                ticket = await self.router.acquire.remote(
+                ticket = await self._acquire(
                     ticket_id, len(prompt), n, prompt, params.get("cache_salt"), attempt > 0)
                 if ticket is None:
                     return

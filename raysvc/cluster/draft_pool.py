@@ -192,9 +192,15 @@ class DraftPoolProposer:
 
 
 def start_draft_pool(num_actors: int, model: str | None = None, num_cpus: float = 1,
-                     num_gpus: float = 0, **actor_kwargs) -> list:
-    """Start `num_actors` draft actors (restarted by Ray when they die) and wait for them."""
+                     num_gpus: float = 0, names: list[str] | None = None,
+                     **actor_kwargs) -> list:
+    """Start `num_actors` draft actors (restarted by Ray when they die) and wait for them.
+    With `names`, they are named and detached, and live ones of those names are reused."""
     cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1)(DraftActor)
-    actors = [cls.remote(model=model, **actor_kwargs) for _ in range(num_actors)]
+    if names is None:
+        actors = [cls.remote(model=model, **actor_kwargs) for _ in range(num_actors)]
+    else:
+        actors = [cls.options(name=name, lifetime="detached", get_if_exists=True).remote(
+            model=model, **actor_kwargs) for name in names[:num_actors]]
     ray.get([a.ready.remote() for a in actors], timeout=300)
     return actors

@@ -2,7 +2,13 @@
 
 Resources say where a worker may run: `num_gpus=1` when the worker's engine uses a GPU,
 otherwise `num_cpus` (and any custom resources, e.g. {"raysvc_worker": 1} to pin workers
-to the nodes that advertise it). The caller owns the actors: they die with it.
+to the nodes that advertise it).
+
+Ownership: by default the caller owns the actors and they die with it. An application
+(the Serve app) instead names them under one prefix (`AppNames`) and makes them detached,
+so that no single process owns the others: a restarted router finds its workers by name,
+a restarted cluster replica finds its router and draft actors, and whoever tears the
+application down kills them by name.
 """
 
 from __future__ import annotations
@@ -17,6 +23,37 @@ from raysvc.cluster.worker import LLMWorker
 _WORKER_CONCURRENCY_SLACK = 64
 
 
+@dataclass(frozen=True, slots=True)
+class AppNames:
+    """The names an application's actors go by (in the creator's Ray namespace)."""
+
+    prefix: str  # e.g. "raysvc.myapp"
+
+    @property
+    def router(self) -> str:
+        return f"{self.prefix}:router"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:{worker_id}"
+
+    def draft(self, index: int) -> str:
+        return f"{self.prefix}:draft-{index}"
+
+    def workers_alive(self) -> dict[str, Any]:
+        """worker id -> handle of every named worker of this application that is alive."""
+        import ray
+
+        head = f"{self.prefix}:worker-"
+        found = {}
+        for name in ray.util.list_named_actors():
+            if name.startswith(head):
+                try:
+                    found[name.split(":", 1)[1]] = ray.get_actor(name)
+                except ValueError:  # died between the listing and the lookup
+                    pass
+        return found
+
+
 @dataclass(slots=True)
 class WorkerSpec:
     """How to start each worker actor."""
@@ -28,8 +65,10 @@ class WorkerSpec:
     torch_threads: int | None = None  # None: int(num_cpus) on CPU (>= 1)
     stream_interval_s: float = 0.0
     max_restarts: int = 0  # > 0: Ray restarts a dead worker, which re-joins its router
-    # draft-model actor pool (raysvc.cluster.draft_pool) serving this worker's speculation
+    # draft-model actor pool (raysvc.cluster.draft_pool) serving this worker's speculation:
+    # handles, or names (an application's: a restarted worker looks them up)
     draft_actors: list[Any] = field(default_factory=list)
+    names: AppNames | None = None  # named, detached workers (see the module docstring)
 
     def actor_options(self) -> dict[str, Any]:
         device = str(self.engine_kwargs.get("device", "auto"))
@@ -66,22 +105,33 @@ def draining_nodes() -> set[str]:
 
 
 def start_router(max_queue_len: int = 1024, resources: dict[str, float] | None = None,
-                 **kwargs: Any) -> Any:
+                 names: AppNames | None = None, **kwargs: Any) -> Any:
     """The router actor (no CPU reserved: it only waits on its callers and workers).
     `resources` pins it, e.g. to CPU nodes: an actor on a GPU node keeps that node from
-    ever being idle, so Ray's autoscaler could not give the GPU back."""
+    ever being idle, so Ray's autoscaler could not give the GPU back.
+
+    With `names`, the router is the application's named, detached actor, restarted by Ray
+    whenever it dies (it then rebuilds its state from the workers); if it exists already,
+    this returns it (a restarted cluster replica re-adopts it)."""
     import ray
 
-    return ray.remote(Router).options(
-        num_cpus=0, resources=dict(resources or {}), max_concurrency=max_queue_len + 1024,
-        max_restarts=0,
-    ).remote(max_queue_len=max_queue_len, **kwargs)
+    options: dict[str, Any] = dict(num_cpus=0, resources=dict(resources or {}),
+                                   max_concurrency=max_queue_len + 1024, max_restarts=0)
+    if names is not None:
+        options.update(name=names.router, lifetime="detached", get_if_exists=True,
+                       max_restarts=-1)
+    return ray.remote(Router).options(**options).remote(
+        max_queue_len=max_queue_len, names=names, **kwargs)
 
 
 def start_worker(worker_id: str, spec: WorkerSpec, router: Any = None) -> Any:
     import ray
 
-    return ray.remote(LLMWorker).options(**spec.actor_options()).remote(
+    options = spec.actor_options()
+    if spec.names is not None:  # found again by name; the router, too, by its name
+        options.update(name=spec.names.worker(worker_id), lifetime="detached")
+        router = spec.names.router
+    return ray.remote(LLMWorker).options(**options).remote(
         worker_id, spec.engine_kwargs, spec.threads(), spec.stream_interval_s, router,
         spec.draft_actors)
 

@@ -18,6 +18,14 @@ class NoWorkers(RuntimeError):
     """No live worker can ever take this request (none registered, or all died)."""
 
 
+class RouterUnavailable(RuntimeError):
+    """The router did not answer in time (it is restarting, or gone): try again shortly."""
+
+
+class ShuttingDown(RuntimeError):
+    """The service is draining before it stops: new requests go elsewhere (HTTP 503)."""
+
+
 class WorkerDied(RuntimeError):
     """The worker serving a request died after the request produced output."""
 
@@ -62,6 +70,7 @@ class WorkerLoad:
     spec_accepted_tokens: int = 0
     spec_accepted_tokens_per_position: list[int] = field(default_factory=list)
     healthy: bool = True
+    request_ids: list[str] = field(default_factory=list)  # what it holds (the ledger's truth)
 
     @classmethod
     def from_engine_stats(cls, stats: dict[str, Any], **extra: Any) -> WorkerLoad:

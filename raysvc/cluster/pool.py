@@ -29,7 +29,6 @@ it asks the policy (`autoscaler.py`) for a target and moves the pool toward it:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections import deque
@@ -84,7 +83,7 @@ class WorkerPool:
         self.last_start_error: str | None = None
         self._failures_in_a_row = 0
         self._retry_at = 0.0
-        self._ids = itertools.count()
+        self._next_id = 0
         self._loop: asyncio.Task | None = None
         self._nodes_checked = 0.0
 
@@ -98,15 +97,19 @@ class WorkerPool:
 
     # -- life --------------------------------------------------------------------------
 
-    async def start(self, initial: int, timeout_s: float) -> int:
+    async def start(self, initial: int, timeout_s: float,
+                    adopt: dict[str, Any] | None = None) -> int:
         """Start `initial` workers and the scaling loop; return how many became ready.
 
-        Waits until every initial worker is ready or has failed once (a bad checkpoint
-        fails fast instead of retrying forever in front of its operator); raises if none
-        became ready. Failed ones keep being retried by the loop.
+        `adopt` (worker id -> handle) are live workers of this application found by name
+        (a restarted router): they join first and count toward `initial`. Waits until
+        every initial worker is ready or has failed once (a bad checkpoint fails fast
+        instead of retrying forever in front of its operator); raises if none became
+        ready. Failed ones keep being retried by the loop.
         """
-        self.target = min(max(initial, self.min_workers), self.max_workers)
-        first = [self._launch() for _ in range(self.target)]
+        adopted = [self._adopt(worker_id, handle) for worker_id, handle in (adopt or {}).items()]
+        self.target = min(max(initial, len(adopted), self.min_workers), self.max_workers)
+        first = adopted + [self._launch() for _ in range(self.target - len(adopted))]
         tasks = [m.task for m in first if m.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
@@ -117,12 +120,27 @@ class WorkerPool:
                                f"{self.last_start_error}")
         return ready
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """Stop scaling; with `kill`, stop every member too (the application is ending)."""
         if self._loop is not None:
             self._loop.cancel()
-        for m in self.members.values():
+        for m in list(self.members.values()):
             if m.task is not None:
                 m.task.cancel()
+            if kill and m.handle is not None:
+                self.kill(m.handle)
+        if kill:
+            self.members.clear()
+
+    def _adopt(self, worker_id: str, handle: Any) -> Member:
+        """Take a live worker of this application back (it keeps its requests)."""
+        m = Member(worker_id, handle, "starting", time.monotonic())
+        self.members[worker_id] = m
+        ordinal = _ordinal(worker_id)
+        if ordinal >= self._next_id:
+            self._next_id = ordinal + 1
+        m.task = asyncio.create_task(self._ready(m))
+        return m
 
     async def _run(self) -> None:
         while True:
@@ -204,7 +222,8 @@ class WorkerPool:
         return chosen
 
     def _launch(self) -> Member:
-        worker_id = f"worker-{next(self._ids)}"
+        worker_id = f"worker-{self._next_id}"
+        self._next_id += 1
         now = time.monotonic()
         m = Member(worker_id, None, "starting", now)
         self.members[worker_id] = m

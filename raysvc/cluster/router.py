@@ -20,6 +20,14 @@ and drops a worker that died or whose engine failed (a slow report is only stale
 Given a `worker_spec`, the router also owns an elastic pool of workers (`pool.py`):
 `start_workers` starts the initial ones, and the pool grows and drains them between
 `min_workers` and `max_workers` with the demand this ledger and queue show.
+
+Nothing here is the only copy (the workers are the truth): an application's router is a
+named actor that Ray restarts, and a restarted one rebuilds itself from its workers —
+their names give membership, each worker's `requests` the admission ledger, and the KV
+event protocol's snapshot each prefix index. Every load report also carries the worker's
+request ids, so a ticket whose release was lost (sent while the router was down) is
+dropped after `ledger_grace_s` instead of holding its seats forever. Until the rebuild is
+done, `acquire` waits (bounded by `recovery_wait_s`).
 """
 
 from __future__ import annotations
@@ -32,14 +40,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from raysvc.block_hash import hash_blocks
-from raysvc.cluster.messages import NoWorkers, Overloaded, Ticket, WorkerInfo, WorkerLoad
+from raysvc.cluster.actors import was_restarted
+from raysvc.cluster.messages import (
+    NoWorkers,
+    Overloaded,
+    ShuttingDown,
+    Ticket,
+    WorkerInfo,
+    WorkerLoad,
+)
 from raysvc.cluster.metrics import ClusterMetrics
 from raysvc.cluster.placement import PlacementConfig, Placer, WorkerEntry
 from raysvc.cluster.prefix_index import PrefixIndex
 
 if TYPE_CHECKING:
     from raysvc.cluster.autoscaler import PoolSignals
-    from raysvc.cluster.launch import WorkerSpec
+    from raysvc.cluster.launch import AppNames, WorkerSpec
     from raysvc.cluster.pool import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -61,7 +77,9 @@ class Router:
                  placement: PlacementConfig | dict[str, Any] | None = None,
                  events_wait_s: float = 1.0, worker_spec: WorkerSpec | None = None,
                  min_workers: int = 1, max_workers: int | None = None,
-                 autoscaling: dict[str, Any] | None = None) -> None:
+                 autoscaling: dict[str, Any] | None = None, names: AppNames | None = None,
+                 ledger_grace_s: float = 10.0, recovery_wait_s: float = 60.0,
+                 orphan_timeout_s: float | None = None) -> None:
         self.max_queue_len = max_queue_len
         self.max_seqs_per_worker = max_seqs_per_worker
         self.health_interval_s = health_interval_s
@@ -86,14 +104,37 @@ class Router:
 
             ScalingPolicy(AutoscalingConfig.parse(autoscaling), min_workers,
                           max_workers or min_workers)
+        self.names = names
+        self.ledger_grace_s = ledger_grace_s
+        self.recovery_wait_s = recovery_wait_s
+        self.orphan_timeout_s = orphan_timeout_s  # no keepalive for this long: shut down
+        self._admitted_at: dict[str, float] = {}  # ticket -> when it was admitted
+        self._started = asyncio.Event()  # the pool is up (set at once without a pool)
+        if worker_spec is None:
+            self._started.set()
+        self._keepalive = time.monotonic()
+        self._closing = False
+        self.restarted = names is not None and was_restarted()
+        if self.restarted and worker_spec is not None:  # rebuild from the workers, now
+            import ray
+
+            me = ray.get_runtime_context().current_actor
+            me.start_workers.remote(min_workers)
 
     # -- the elastic pool --------------------------------------------------------------
 
     async def start_workers(self, num_workers: int, timeout_s: float = 600.0) -> int:
-        """Start the pool with `num_workers` workers; return how many became ready."""
+        """Start the pool with `num_workers` workers; return how many became ready.
+
+        Idempotent: a router whose pool runs answers at once. A router rebuilding itself
+        (restarted) first adopts the application's live named workers, then starts only
+        what is missing."""
         spec, lo, hi, knobs = self._pool_args
         if spec is None:
             raise RuntimeError("this router was not given a worker_spec")
+        if self.pool is not None:
+            await asyncio.wait_for(self._started.wait(), timeout_s)
+            return self.health()["ready"]
         if self.pool is None:
             import ray
 
@@ -105,7 +146,31 @@ class Router:
                 self, lambda worker_id: start_worker(worker_id, spec, me), ray.kill, lo, hi,
                 knobs, seats_per_worker=int(spec.engine_kwargs.get("max_num_seqs", 256)),
                 draining_nodes=draining_nodes))
-        return await self.pool.start(num_workers, timeout_s)
+        found = await asyncio.to_thread(self.names.workers_alive) if self.names else {}
+        if found:
+            logger.warning("router: adopting %d live worker(s): %s", len(found),
+                           ", ".join(sorted(found)))
+        try:
+            return await self.pool.start(num_workers, timeout_s, adopt=found)
+        finally:
+            self._started.set()
+
+    def close(self) -> int:
+        """Refuse new requests from now on (ShuttingDown: HTTP 503); return how many are
+        still in flight (admitted or queued) — the service drains before it stops."""
+        self._closing = True
+        return len(self._owner) + len(self._queue)
+
+    def keepalive(self) -> None:
+        """The application's owner (the cluster replica) is alive."""
+        self._keepalive = time.monotonic()
+
+    async def shutdown(self) -> None:
+        """Stop the pool and kill every worker it holds (the application is going away)."""
+        if self.pool is not None:
+            self.pool.stop(kill=True)
+        for worker_id in list(self._workers):
+            self.remove_worker(worker_id)
 
     def attach_pool(self, pool: WorkerPool) -> None:
         self.pool = pool
@@ -143,10 +208,20 @@ class Router:
         known = self._workers.get(worker_id)
         if known is not None and known.info.pid == info.pid:  # joined already (twice asked)
             return info
+        running = await handle.requests.remote()  # none, unless this router restarted
         if known is not None:  # a restarted actor re-joins: its cache starts empty
             self.remove_worker(worker_id)
         index = PrefixIndex(self.placement.max_pending_blocks, self.placement.pending_ttl_s)
         entry = self._workers[worker_id] = WorkerEntry(info, handle, max_seqs, index)
+        now = time.monotonic()
+        for ticket_id, num_prompt_tokens, n in running:
+            if self._released.pop(ticket_id, "absent") is None:
+                continue  # its caller released it while we were away
+            blocks, seqs = entry.admitted[ticket_id] = entry.need(num_prompt_tokens, n)
+            entry.used_blocks += blocks
+            entry.used_seqs += seqs
+            self._owner[ticket_id] = worker_id
+            self._admitted_at[ticket_id] = now
         self._feeds[worker_id] = asyncio.create_task(self._feed(entry))
         if self._monitor is None or self._monitor.done():
             self._monitor = asyncio.create_task(self._watch())
@@ -164,6 +239,7 @@ class Router:
             feed.cancel()
         for ticket_id in worker.admitted:
             self._owner.pop(ticket_id, None)
+            self._admitted_at.pop(ticket_id, None)
         self.metrics.forget_worker(worker_id)
         logger.warning("router: worker %s removed", worker_id)
         self._fail_queue_if_hopeless()
@@ -215,6 +291,17 @@ class Router:
         """
         if self._released.pop(ticket_id, "absent") is None:
             return None
+        owner = self._owner.get(ticket_id)
+        if owner is not None:  # asked again (the answer to the first ask was lost)
+            entry = self._workers[owner]
+            return Ticket(ticket_id, owner, entry.handle)
+        if self._closing and not retry:
+            raise ShuttingDown("the service is shutting down; retry on another replica")
+        if not self._started.is_set():  # rebuilding after a restart: wait for the workers
+            try:
+                await asyncio.wait_for(self._started.wait(), self.recovery_wait_s)
+            except TimeoutError:
+                pass
         if self._hopeless():
             raise self._no_workers()
         if len(self._queue) >= self.max_queue_len and not retry:
@@ -240,6 +327,7 @@ class Router:
     def release(self, ticket_id: str) -> None:
         """The request is over (finished, aborted, failed): free its room, admit the next."""
         worker_id = self._owner.pop(ticket_id, None)
+        self._admitted_at.pop(ticket_id, None)
         if worker_id is not None:
             worker = self._workers.get(worker_id)
             if worker is not None:
@@ -278,6 +366,7 @@ class Router:
             worker.used_seqs += seqs
             worker.requests_routed += 1
             self._owner[head.ticket_id] = worker.info.worker_id
+            self._admitted_at[head.ticket_id] = time.monotonic()
             head.future.set_result(Ticket(head.ticket_id, worker.info.worker_id, worker.handle))
         self.metrics.queue(len(self._queue))
 
@@ -346,7 +435,26 @@ class Router:
     async def _watch(self) -> None:
         while self._workers:
             await self.refresh()
+            if self.orphan_timeout_s and (time.monotonic() - self._keepalive
+                                          > self.orphan_timeout_s):
+                logger.warning("router: no keepalive from the application for %.0fs; its "
+                               "owner is gone: shutting the workers down",
+                               self.orphan_timeout_s)
+                await self.shutdown()
+                return
             await asyncio.sleep(self.health_interval_s)
+
+    def _reconcile(self, worker: WorkerEntry, held: list[str]) -> None:
+        """Release tickets admitted to `worker` that it does not hold (their release was
+        lost, e.g. sent while this router was restarting), after a grace period that
+        covers the moment between a ticket and its submission."""
+        holding, now = set(held), time.monotonic()
+        lost = [t for t in worker.admitted if t not in holding
+                and now - self._admitted_at.get(t, now) > self.ledger_grace_s]
+        for ticket_id in lost:
+            logger.warning("router: %s does not hold %s; releasing it", worker.worker_id,
+                           ticket_id)
+            self.release(ticket_id)
 
     async def refresh(self) -> None:
         """Pull every worker's load report; drop workers that died or stopped answering."""
@@ -358,6 +466,7 @@ class Router:
             if isinstance(result, WorkerLoad) and result.healthy:
                 self.metrics.worker(worker.info.worker_id, result, previous=worker.load)
                 worker.load, worker.missed_reports = result, 0
+                self._reconcile(worker, result.request_ids)
             elif isinstance(result, TimeoutError):
                 # Busy, not dead (a first GPU step may compile kernels for minutes): its
                 # report is stale, its ledger still holds.

@@ -16,7 +16,13 @@ pool (`raysvc.cluster.draft_pool`) instead of a draft model in this process.
 
 The engine's KV events go to a `KVEventLog` that the router long-polls (`kv_events`), so
 the router's prefix index mirrors this worker's cache exactly. A worker given its router
-re-joins it by itself when Ray restarts the actor (`max_restarts`).
+re-joins it by itself when Ray restarts the actor (`max_restarts`). The router and the
+draft actors may be given by name (named actors of one application): then a restarted
+worker finds them again whatever happened to the process that created it, and nothing
+it needs to restart lives in the object store.
+
+The worker is the truth about its own requests (`requests`, and their ids in every load
+report): a restarted router rebuilds its admission ledger from them.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from raysvc.cluster.actors import actor, was_restarted
 from raysvc.cluster.messages import (
     HandedOver,
     KVEventsReply,
@@ -63,7 +70,7 @@ class LLMWorker:
         if draft_actors:  # speculation served by the draft-model actor pool
             from raysvc.cluster.draft_pool import DraftPoolProposer
 
-            proposer = DraftPoolProposer(list(draft_actors))
+            proposer = DraftPoolProposer([actor(a) for a in draft_actors])
         self.engine = AsyncEngine(proposer=proposer,
                                   **{**(engine_kwargs or {}), "skip_tokenizer_init": True})
         llm = self.engine.engine
@@ -76,14 +83,16 @@ class LLMWorker:
             kv_blocks_total=llm.block_manager.num_blocks, max_num_seqs=llm.config.max_num_seqs)
         self._channels: dict[str, _ChannelState] = {}
         self._tokens: dict[str, int] = {}  # request id -> prompt + generated tokens so far
+        self._shape: dict[str, tuple[int, int]] = {}  # request id -> (prompt tokens, n)
         self._failure: BaseException | None = None
         self._kv_log = KVEventLog()
         self._kv_news: asyncio.Event | None = None
         llm.subscribe_kv_events(self._kv_log.record)
-        if router is not None and _restarted():
+        if router is not None and was_restarted():
             import ray
 
-            router.add_worker.remote(worker_id, ray.get_runtime_context().current_actor)
+            actor(router).add_worker.remote(worker_id,
+                                             ray.get_runtime_context().current_actor)
 
     def info(self) -> WorkerInfo:
         return self._info
@@ -92,7 +101,13 @@ class LLMWorker:
         stats = await self.engine.stats()
         return WorkerLoad.from_engine_stats(
             stats, tokens_in_flight=sum(self._tokens.values()),
-            requests_in_flight=len(self._tokens), healthy=self._failure is None)
+            requests_in_flight=len(self._tokens), healthy=self._failure is None,
+            request_ids=list(self._tokens))
+
+    def requests(self) -> list[tuple[str, int, int]]:
+        """(request id, prompt tokens, samples) of every request here: a router rebuilding
+        its ledger after a restart admits exactly these."""
+        return [(rid, *self._shape[rid]) for rid in self._tokens if rid in self._shape]
 
     async def health(self) -> bool:
         """Raises if the engine's step loop failed, so the router drops this worker."""
@@ -141,6 +156,7 @@ class LLMWorker:
             for request_id, task in list(ch.pumps.items()):
                 task.cancel()  # leaving the engine's stream aborts the request there
                 self._tokens.pop(request_id, None)
+                self._shape.pop(request_id, None)
 
     async def submit(self, channel_id: str, request_id: str, prompt_token_ids: list[int],
                      params: dict[str, Any]) -> None:
@@ -151,6 +167,7 @@ class LLMWorker:
         stream = await self.engine.add_request(request_id, prompt_token_ids,
                                                SamplingParams(**params))
         self._tokens[request_id] = len(prompt_token_ids)
+        self._shape[request_id] = (len(prompt_token_ids), int(params.get("n", 1)))
         ch.sent[request_id] = {}
         ch.pumps[request_id] = asyncio.create_task(self._pump(ch, request_id, stream))
 
@@ -221,6 +238,7 @@ class LLMWorker:
         ch.pumps.pop(request_id, None)
         ch.last_sent.pop(request_id, None)
         self._tokens.pop(request_id, None)
+        self._shape.pop(request_id, None)
 
 
 def _delta(out, sent: dict[int, tuple[int, bool]]) -> StreamChunk:
@@ -239,18 +257,6 @@ def _delta(out, sent: dict[int, tuple[int, bool]]) -> StreamChunk:
                                      comp.finish_reason, comp.stop_reason))
         sent[comp.index] = (len(comp.token_ids), finished)
     return chunk
-
-
-def _restarted() -> bool:
-    import warnings
-
-    import ray
-
-    if not ray.is_initialized():
-        return False
-    with warnings.catch_warnings():  # Ray's own property uses its deprecated actor_id
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return ray.get_runtime_context().was_current_actor_reconstructed
 
 
 def _node_id() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 from raysvc.models.attention import BACKENDS
@@ -41,6 +42,9 @@ class EngineConfig:
                 f"unknown engine argument(s) {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(known))}"
             )
+        for name in ("model", "tokenizer"):  # a pathlib.Path is as good as a str
+            if isinstance(kwargs.get(name), os.PathLike):
+                kwargs[name] = os.fspath(kwargs[name])
         config = cls(**kwargs)
         config.validate()
         return config

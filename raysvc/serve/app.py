@@ -4,11 +4,18 @@ OpenAI ingress deployment in front of it.
 `build_app(args)` is the import path Serve configs name (`raysvc.serve.app:build_app`);
 `raysvc serve` calls it too. The cluster deployment (one replica) starts the router and
 the draft-model actor pool (`draft_workers`); the router starts the workers and scales
-them between `min_workers` and `max_workers` (`raysvc/cluster/pool.py`). All of them live
-and die with the Serve application, so `serve shutdown` or deleting the app leaves
-nothing behind. Ingress replicas ask it once for the router's handle and the model's
-facts, then talk to the router and the workers directly: Serve's request path carries
-HTTP only.
+them between `min_workers` and `max_workers` (`raysvc/cluster/pool.py`). Ingress replicas
+ask it once for the router's handle and the model's facts, then talk to the router and
+the workers directly: Serve's request path carries HTTP only.
+
+No process is a single point of failure. The router, workers and draft actors are named
+after the application (`raysvc.<app>:router`, `:worker-N`, `:draft-N`) and detached, so
+none dies with the process that created it: Ray restarts a dead router, which rebuilds
+itself from its workers; Serve restarts a dead cluster replica, which re-adopts the live
+router and draft actors by name instead of starting a second set. They still live and die
+with the application: deleting it (or `serve shutdown`) runs the replica's `__del__`,
+which stops them all, and a router that hears nothing from its replica for
+`orphan_timeout_s` (the replica gone for good, never restarted) stops its workers itself.
 """
 
 from __future__ import annotations
@@ -24,26 +31,36 @@ from raysvc.serve.args import ServeArgs
 logger = logging.getLogger(__name__)
 
 
+ORPHAN_TIMEOUT_S = 120.0  # a router alone this long (its replica gone for good) stops
+HEALTH_CHECK_PERIOD_S = 2.0  # the cluster replica's keepalive to the router, via Serve
+
+
 class RaysvcCluster:
-    """Owns the router (which owns the workers); hands ingress replicas its handle."""
+    """Starts (or re-adopts) the router and the draft actors; hands ingress replicas the
+    router's handle and the model's facts."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        import ray
 
-        from raysvc.cluster.launch import start_router
+        from raysvc.cluster.launch import AppNames, start_router
 
         a = ServeArgs(**args)
-        self.draft_actors = a.start_draft_pool()
+        self.names = AppNames(f"raysvc.{_app_name()}")
+        self.draft_actors = a.start_draft_pool(self.names)
         self.router = start_router(max_queue_len=a.max_queue_len,
                                    max_seqs_per_worker=a.max_seqs_per_worker,
-                                   placement=a.placement,
-                                   worker_spec=a.worker_spec(self.draft_actors),
+                                   placement=a.placement, resources=a.control_resources,
+                                   worker_spec=a.worker_spec(
+                                       [self.names.draft(i) for i in range(a.draft_workers)],
+                                       self.names),
                                    min_workers=a.min_workers, max_workers=a.max_workers,
-                                   autoscaling=a.worker_autoscaling)
+                                   autoscaling=a.worker_autoscaling, names=self.names,
+                                   orphan_timeout_s=ORPHAN_TIMEOUT_S)
         start_timeout = a.autoscaling().worker_start_timeout_s
-        ray.get(self.router.start_workers.remote(a.num_workers, start_timeout),
-                timeout=start_timeout + 60)
-        infos = ray.get(self.router.workers.remote(), timeout=60)
+        ready = _call_router(lambda: self.router.start_workers.remote(a.num_workers,
+                                                                     start_timeout),
+                             start_timeout + 60)
+        logger.warning("raysvc cluster %s: %d worker(s) ready", self.names.prefix, ready)
+        infos = _call_router(lambda: self.router.workers.remote(), 60)
         self.facts = {
             "model_path": next(iter(infos.values())).model,
             "max_model_len": min(i.max_model_len for i in infos.values()),
@@ -51,10 +68,58 @@ class RaysvcCluster:
         }
 
     async def describe(self) -> dict[str, Any]:
-        return {"router": self.router, **self.facts}
+        return {"router": self.router, "router_name": self.names.router, **self.facts}
 
     async def check_health(self) -> None:
-        await self.router.workers.remote()  # raises if the router actor is gone
+        """Serve's periodic health check doubles as the router's keepalive. It never fails
+        on the router's account: a restarting router comes back by itself, and failing here
+        would make Serve replace this replica for nothing."""
+        try:
+            await self.router.keepalive.remote()
+        except Exception as e:
+            logger.warning("raysvc cluster: router keepalive failed: %r", e)
+
+    def __del__(self) -> None:
+        """The application is being deleted (Serve stops this replica gracefully): stop the
+        router's workers, the router and the draft actors."""
+        import ray
+
+        router = getattr(self, "router", None)
+        if router is None:
+            return
+        try:
+            ray.get(router.shutdown.remote(), timeout=30)
+        except Exception as e:  # already gone: its workers die with the application anyway
+            logger.warning("raysvc cluster: router shutdown failed: %r", e)
+        for handle in [router, *getattr(self, "draft_actors", [])]:
+            try:
+                ray.kill(handle)
+            except Exception:
+                pass
+
+
+def _app_name() -> str:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # constructed outside Serve (tests): one application per Ray namespace
+        return "default"
+
+
+def _call_router(call, timeout_s: float):
+    """`ray.get(call())`, waiting out a router that is restarting (it refuses calls then)."""
+    import time
+
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(call(), timeout=max(deadline - time.monotonic(), 1.0))
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 @serve.ingress()
@@ -75,8 +140,13 @@ class OpenAIIngress:
         tokenizer.model_max_length = 1 << 62  # lengths are checked against the context here
         model = ModelFacts(name=a.model_name(), max_model_len=facts["max_model_len"],
                            vocab_size=facts["vocab_size"], max_n=a.max_n)
+        import ray
+
+        router_name = facts["router_name"]
         self.server = OpenAIHandler(tokenizer, model, facts["router"],
-                                   api_key=a.resolved_api_key(), max_body_bytes=a.max_body_bytes)
+                                    api_key=a.resolved_api_key(),
+                                    max_body_bytes=a.max_body_bytes,
+                                    resolve_router=lambda: ray.get_actor(router_name))
 
     def __serve_build_asgi_app__(self):
         from raysvc.serve.http_api import build_api
@@ -91,16 +161,22 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     EngineConfig.from_kwargs(**{**a.engine, "model": a.model})  # fail here, not in a replica
     plain = a.model_dump()
+    control = {"resources": dict(a.control_resources)} if a.control_resources else {}
     cluster = serve.deployment(
         RaysvcCluster, name="RaysvcCluster", num_replicas=1,
-        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
+        ray_actor_options={"num_cpus": 0, **control}, max_ongoing_requests=1024,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
     ).bind(plain)
     replicas: dict[str, Any] = ({"autoscaling_config": a.ingress_autoscaling}
                                 if a.ingress_autoscaling else {"num_replicas": a.ingress_replicas})
     ingress = serve.deployment(
         OpenAIIngress, name="OpenAIIngress", **replicas,
-        ray_actor_options={"num_cpus": a.ingress_num_cpus},
+        ray_actor_options={"num_cpus": a.ingress_num_cpus, **control},
         max_ongoing_requests=a.max_ongoing_requests,
+        # beyond every replica's max_ongoing_requests, Serve's proxy queues this many,
+        # then answers 429 with Retry-After at once (not an unbounded queue)
+        max_queued_requests=a.max_queued_requests,
+        backpressure_config={"status_code": 429, "retry_after_s": 1},
         graceful_shutdown_timeout_s=a.ingress_graceful_shutdown_timeout_s,
     )
     return ingress.bind(cluster, plain)

@@ -38,9 +38,16 @@ class ServeArgs(BaseModel):
     api_key: str | None = None  # None: $RAYSVC_API_KEY if set, else no auth
     max_body_bytes: int = Field(4 << 20, ge=1024)
     max_n: int = Field(16, ge=1)
-    ingress_replicas: int = Field(1, ge=1)
+    # two by default: one replica's death then cuts only its own connections
+    ingress_replicas: int = Field(2, ge=1)
     ingress_num_cpus: float = Field(0.0, ge=0)
-    max_ongoing_requests: int = Field(1024, ge=1)
+    max_ongoing_requests: int = Field(1024, ge=1)  # per ingress replica (streams included)
+    # Serve's proxy queue in front of the ingress replicas; beyond it 429 + Retry-After
+    max_queued_requests: int = Field(256, ge=0)
+    # resources that pin the control plane (router, cluster replica, ingress) to CPU
+    # nodes, e.g. {"raysvc_control": 1} advertised by the head: a control actor on a GPU
+    # node would keep that node from ever being idle and released
+    control_resources: dict[str, float] = Field(default_factory=dict)
     # Serve's own autoscaling_config for the ingress deployment (min_replicas,
     # max_replicas, target_ongoing_requests, ...); replaces ingress_replicas when set
     ingress_autoscaling: dict[str, Any] | None = None
@@ -53,6 +60,11 @@ class ServeArgs(BaseModel):
     draft_num_cpus: float = Field(1.0, ge=0)
     draft_num_gpus: float = Field(0.0, ge=0)  # e.g. 0.25: four draft actors share a GPU
     draft_torch_threads: int | None = Field(None, ge=1)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _path_like(cls, v):
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
 
     @model_validator(mode="after")
     def _worker_range(self) -> ServeArgs:
@@ -125,7 +137,7 @@ class ServeArgs(BaseModel):
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("RAYSVC_API_KEY") or None
 
-    def worker_spec(self, draft_actors: list | None = None):
+    def worker_spec(self, draft_actors: list | None = None, names=None):
         from raysvc.cluster.launch import WorkerSpec
 
         kwargs = {**self.engine, "model": self.model}
@@ -134,10 +146,11 @@ class ServeArgs(BaseModel):
                           torch_threads=self.worker_torch_threads,
                           stream_interval_s=self.stream_interval_s,
                           max_restarts=self.worker_max_restarts,
-                          draft_actors=list(draft_actors or []))
+                          draft_actors=list(draft_actors or []), names=names)
 
-    def start_draft_pool(self) -> list:
-        """The draft actors (none unless `draft_workers`), sized like the workers' engines."""
+    def start_draft_pool(self, names=None) -> list:
+        """The draft actors (none unless `draft_workers`), sized like the workers' engines;
+        with `names`, the application's named ones (re-adopted if they live)."""
         if not self.draft_workers:
             return []
         from raysvc.cluster.draft_pool import start_draft_pool
@@ -145,6 +158,7 @@ class ServeArgs(BaseModel):
         e = self.engine
         return start_draft_pool(
             self.draft_workers, model=e["speculative_config"].get("model"),
+            names=[names.draft(i) for i in range(self.draft_workers)] if names else None,
             num_cpus=self.draft_num_cpus, num_gpus=self.draft_num_gpus,
             num_threads=self.draft_torch_threads or max(int(self.draft_num_cpus), 1),
             dtype=e.get("dtype", "auto"), block_size=e.get("block_size", 16),

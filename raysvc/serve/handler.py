@@ -21,7 +21,13 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from raysvc.cluster.client import ClusterClient
-from raysvc.cluster.messages import NoWorkers, Overloaded, WorkerDied
+from raysvc.cluster.messages import (
+    NoWorkers,
+    Overloaded,
+    RouterUnavailable,
+    ShuttingDown,
+    WorkerDied,
+)
 from raysvc.cluster.metrics import RequestMetrics
 from raysvc.serve import planner
 from raysvc.serve import response_builders as build
@@ -56,11 +62,11 @@ class Started:
 
 class OpenAIHandler:
     def __init__(self, tokenizer, facts: ModelFacts, router: Any, api_key: str | None = None,
-                 max_body_bytes: int = 4 << 20, disconnect_poll_s: float = 0.25) -> None:
+                 max_body_bytes: int = 4 << 20, disconnect_poll_s: float = 0.25,
+                 resolve_router=None) -> None:
         self.tokenizer = tokenizer
         self.facts = facts
-        self.router = router
-        self.client = ClusterClient(router)
+        self.client = ClusterClient(router, resolve=resolve_router)
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.disconnect_poll_s = disconnect_poll_s
@@ -174,24 +180,35 @@ class OpenAIHandler:
     async def health(self) -> tuple[bool, dict[str, Any]]:
         """Up while at least one worker is ready (starting or draining ones do not count)."""
         try:
-            workers = await asyncio.wait_for(self.router.health.remote(), 10)
+            workers = await asyncio.wait_for(self.client.router.health.remote(), 10)
         except Exception as e:
             return False, {"detail": f"router unreachable: {type(e).__name__}"}
         return workers["ready"] > 0, {"workers": workers["ready"], **workers}
 
     async def cluster_stats(self) -> dict[str, Any]:
-        return await asyncio.wait_for(self.router.stats.remote(), 30)
+        try:
+            return await asyncio.wait_for(self.client.router.stats.remote(), 30)
+        except Exception as e:
+            raise cluster_error(e) from e
 
 
 def cluster_error(e: BaseException) -> APIError:
-    """Map what a generation raised to the HTTP error the client should see."""
+    """Map what a generation raised to the HTTP error the client should see. Whatever is
+    the service's own trouble (overload, a worker or the router restarting, shutting down)
+    is a 429 or 503 with Retry-After, never a 500: clients and load balancers retry those."""
+    from ray.exceptions import RayActorError
+
     if isinstance(e, APIError):
         return e
     if isinstance(e, Overloaded):
-        return APIError(429, _last_line(e), type="overloaded_error", code="overloaded")
+        return APIError(429, _last_line(e), type="overloaded_error", code="overloaded",
+                        retry_after=1)
     if isinstance(e, (NoWorkers, WorkerDied)):
         return APIError(503, _last_line(e), type="service_unavailable_error",
-                        code="worker_unavailable")
+                        code="worker_unavailable", retry_after=5)
+    if isinstance(e, (RouterUnavailable, ShuttingDown, RayActorError, TimeoutError)):
+        return APIError(503, _last_line(e), type="service_unavailable_error",
+                        code="service_unavailable", retry_after=2)
     if isinstance(e, ValueError):
         return bad_request(_last_line(e))
     logger.error("generation failed: %r", e)

@@ -1,9 +1,13 @@
 """`raysvc serve`: run the application on an embedded local Ray, or on a cluster.
 
 With no address, a private local Ray is started (no dashboard) and torn down on exit;
-with `--address`, the app is deployed onto that cluster and deleted on exit. SIGTERM and
-SIGINT end the process cleanly: the app is deleted (aborting in-flight requests and
-freeing the workers), then Serve and the local Ray shut down.
+with `--address`, the app is deployed onto that cluster and deleted on exit.
+
+SIGTERM and SIGINT drain, then stop: the router refuses new requests (503 with
+Retry-After, so a load balancer sends them elsewhere) while the requests in flight finish,
+for up to `drain_timeout_s`; then the app goes (a local Ray is simply shut down: Serve's
+own graceful shutdown waits seconds for nothing when the workers are already idle). Idle,
+that takes about a second. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -50,13 +54,36 @@ def start(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000,
     return f"http://{host}:{port}"
 
 
+def drain(timeout_s: float) -> int:
+    """Refuse new requests and wait (up to `timeout_s`) for those in flight; return how
+    many were still running at the end."""
+    import ray
+
+    from raysvc.cluster.launch import AppNames
+
+    try:
+        router = ray.get_actor(AppNames(f"raysvc.{APP_NAME}").router, namespace="serve")
+    except ValueError:
+        return 0
+    deadline, left = time.monotonic() + timeout_s, 0
+    while True:
+        try:
+            left = ray.get(router.close.remote(), timeout=5)
+        except Exception as e:  # no router to ask: nothing to wait for
+            logger.warning("raysvc serve: drain: %r", e)
+            return 0
+        if left == 0 or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 def stop(local: bool) -> None:
     import ray
     from ray import serve
 
     try:
         if local:
-            serve.shutdown()
+            pass  # ray.shutdown() below ends Serve, the app and every actor with it
         else:
             serve.delete(APP_NAME)
     finally:
@@ -65,7 +92,10 @@ def stop(local: bool) -> None:
 
 
 def usage_text(url: str, args: ServeArgs) -> str:
-    auth = ' -H "Authorization: Bearer $RAYSVC_API_KEY"' if args.resolved_api_key() else ""
+    key = "$RAYSVC_API_KEY" if not args.api_key else "YOUR_API_KEY"  # the --api-key value
+    auth = f' -H "Authorization: Bearer {key}"' if args.resolved_api_key() else ""
+    py_key = ("os.environ.get('RAYSVC_API_KEY', 'none')" if not args.api_key
+              else "'YOUR_API_KEY'")
     name = args.model_name()
     drafts = f" and {args.draft_workers} draft actor(s)" if args.draft_workers else ""
     workers = f"{args.num_workers} worker(s)"
@@ -76,17 +106,21 @@ def usage_text(url: str, args: ServeArgs) -> str:
             f"       -d '{{\"model\": \"{name}\", \"prompt\": \"The list type\", "
             f"\"max_tokens\": 32}}'\n"
             f"  python -c \"import os; from openai import OpenAI; c = OpenAI(base_url='{url}/v1', "
-            f"api_key=os.environ.get('RAYSVC_API_KEY', 'none')); print(c.completions.create("
+            f"api_key={py_key}); print(c.completions.create("
             f"model='{name}', prompt='The list type').choices[0].text)\"\n"
             f"  stats: {url}/cluster/stats   health: {url}/health   stop: Ctrl-C")
 
 
 def serve_forever(args: ServeArgs, host: str, port: int, address: str | None = None,
-                  num_cpus: int | None = None) -> int:
+                  num_cpus: int | None = None, drain_timeout_s: float = 30.0) -> int:
     stopping = threading.Event()
 
     def on_signal(signum, _frame) -> None:
-        logger.warning("raysvc serve: %s received, shutting down", signal.Signals(signum).name)
+        if stopping.is_set():  # a second signal: do not wait for the drain
+            print("raysvc serve: stopping now", flush=True)
+            os._exit(130)
+        logger.warning("raysvc serve: %s received, draining (up to %gs; again to stop now)",
+                       signal.Signals(signum).name, drain_timeout_s)
         stopping.set()
 
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -96,8 +130,12 @@ def serve_forever(args: ServeArgs, host: str, port: int, address: str | None = N
         for s in signals:  # again: ray.init installs its own handler, which kills the process
             signal.signal(s, on_signal)
         print(usage_text(url, args), flush=True)
-        while not stopping.is_set():
-            time.sleep(0.2)
+        while not stopping.wait(0.2):
+            pass
+        left = drain(drain_timeout_s)
+        if left:
+            print(f"raysvc serve: {left} request(s) still running after the {drain_timeout_s:g}s "
+                  f"drain; stopping them", flush=True)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

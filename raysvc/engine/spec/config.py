@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class SpeculativeConfig(BaseModel):
@@ -18,6 +19,11 @@ class SpeculativeConfig(BaseModel):
     # Never speculate with this many decoding sequences or more (None: the cost model decides).
     disable_by_batch_size: int | None = Field(None, ge=1)
     adaptive: bool = True  # choose k (or off) from measured acceptance and step costs
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _path_like(cls, v):
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
 
     @model_validator(mode="after")
     def _check(self) -> SpeculativeConfig:

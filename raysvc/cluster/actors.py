@@ -1,0 +1,27 @@
+"""Small facts about the Ray actor this code runs in, and about actors given by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def actor(handle_or_name: Any) -> Any:
+    """An actor handle, looked up by name if given one (an application's named actor)."""
+    if isinstance(handle_or_name, str):
+        import ray
+
+        return ray.get_actor(handle_or_name)
+    return handle_or_name
+
+
+def was_restarted() -> bool:
+    """Whether this process is an actor that Ray restarted (its state starts empty)."""
+    import warnings
+
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    with warnings.catch_warnings():  # Ray's own property uses its deprecated actor_id
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ray.get_runtime_context().was_current_actor_reconstructed
