@@ -81,7 +81,10 @@ def serve_args_from_cli(args: argparse.Namespace):
                      worker_num_cpus=args.worker_cpus, worker_torch_threads=args.worker_threads,
                      stream_interval_s=args.stream_interval, max_queue_len=args.max_queue_len,
                      api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
-                     ingress_replicas=args.ingress_replicas, draft_workers=args.draft_workers,
+                     ingress_replicas=args.ingress_replicas,
+                     max_ongoing_requests=args.max_ongoing_requests,
+                     max_queued_requests=args.max_queued_requests,
+                     draft_workers=args.draft_workers,
                      draft_num_cpus=args.draft_cpus, draft_num_gpus=args.draft_gpus,
                      draft_torch_threads=args.draft_threads)
 
@@ -147,7 +150,12 @@ def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
                    help="router queue bound; beyond it requests get 429")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20)
     p.add_argument("--max-n", type=int, default=16)
-    p.add_argument("--ingress-replicas", type=int, default=1)
+    p.add_argument("--ingress-replicas", type=int, default=2,
+                   help="HTTP ingress replicas (one's death cuts only its own streams)")
+    p.add_argument("--max-ongoing-requests", type=int, default=1024,
+                   help="requests (streams included) one ingress replica holds at once")
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="Serve's proxy queue beyond those; further requests get 429")
     p.add_argument("--speculative-config", default=None,
                    help='JSON, as in vLLM: \'{"method": "draft_model" | "ngram", "model": PATH, '
                         '"num_speculative_tokens": 4}\'')

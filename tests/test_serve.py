@@ -35,18 +35,25 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path) -> None:
+    """`raysvc serve` in a subprocess; `extra` replaces this module's flags."""
+
+    def __init__(self, tmp: Path, extra: list[str] | None = None,
+                 api_key: str | None = API_KEY) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "server.log"
-        env = {**os.environ, "RAYSVC_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("RAYSVC_API_KEY", None)
+        if api_key:
+            env["RAYSVC_API_KEY"] = api_key
         env.pop("RAY_ADDRESS", None)
-        cmd = [sys.executable, "-m", "raysvc.cli", "serve", "--port", str(self.port),
-               "--num-kv-blocks", str(NUM_KV_BLOCKS), "--max-num-seqs", "32",
-               "--max-body-bytes", str(MAX_BODY), "--max-n", "4", "--worker-threads", "1",
-               "--num-cpus", "2", "--min-workers", "1", "--max-workers", "2",
-               # an elastic pool that never grows here: its stats, not its scaling
-               "--worker-autoscaling", '{"upscale_delay_s": 3600}']
+        flags = extra if extra is not None else [
+            "--num-kv-blocks", str(NUM_KV_BLOCKS), "--max-num-seqs", "32",
+            "--max-body-bytes", str(MAX_BODY), "--max-n", "4", "--worker-threads", "1",
+            "--num-cpus", "2", "--min-workers", "1", "--max-workers", "2",
+            # an elastic pool that never grows here: its stats, not its scaling
+            "--worker-autoscaling", '{"upscale_delay_s": 3600}', "--ingress-replicas", "1"]
+        cmd = [sys.executable, "-m", "raysvc.cli", "serve", "--port", str(self.port), *flags]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
 
@@ -452,5 +459,11 @@ def test_bench_serve_runs_against_the_server(server, tmp_path):
 
 
 def test_sigterm_shuts_down_cleanly(server):
+    _wait_all_free(server)
+    start = time.monotonic()
     assert server.stop() == 0, server.output()[-3000:]
-    assert "raysvc serve: stopped" in server.output()
+    took = time.monotonic() - start
+    out = server.output()
+    assert "raysvc serve: stopped" in out
+    assert "Traceback" not in out and "*** SIGTERM received" not in out, out[-3000:]
+    assert took < 3.0, f"idle shutdown took {took:.1f}s"

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+NAMESPACE = "raysvc"  # the Ray namespace of every application's named actors
+
 
 def actor(handle_or_name: Any) -> Any:
-    """An actor handle, looked up by name if given one (an application's named actor)."""
+    """An actor handle, looked up by name if given one (an application's named actor, in
+    the `raysvc` namespace)."""
     if isinstance(handle_or_name, str):
         import ray
 
-        return ray.get_actor(handle_or_name)
+        from raysvc.cluster.launch import NAMESPACE
+
+        return ray.get_actor(handle_or_name, namespace=NAMESPACE)
     return handle_or_name
 
 

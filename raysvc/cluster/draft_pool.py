@@ -200,7 +200,10 @@ def start_draft_pool(num_actors: int, model: str | None = None, num_cpus: float 
     if names is None:
         actors = [cls.remote(model=model, **actor_kwargs) for _ in range(num_actors)]
     else:
-        actors = [cls.options(name=name, lifetime="detached", get_if_exists=True).remote(
-            model=model, **actor_kwargs) for name in names[:num_actors]]
+        from raysvc.cluster.actors import NAMESPACE
+
+        actors = [cls.options(name=name, namespace=NAMESPACE, lifetime="detached",
+                              get_if_exists=True).remote(model=model, **actor_kwargs)
+                  for name in names[:num_actors]]
     ray.get([a.ready.remote() for a in actors], timeout=300)
     return actors

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from raysvc.cluster.actors import NAMESPACE
 from raysvc.cluster.router import Router
 from raysvc.cluster.worker import LLMWorker
 
@@ -25,9 +26,16 @@ _WORKER_CONCURRENCY_SLACK = 64
 
 @dataclass(frozen=True, slots=True)
 class AppNames:
-    """The names an application's actors go by (in the creator's Ray namespace)."""
+    """The names an application's actors go by (in the Ray namespace `raysvc`)."""
 
     prefix: str  # e.g. "raysvc.myapp"
+    namespace: str = NAMESPACE
+
+    def get(self, name: str) -> Any:
+        """The live actor of that name (ValueError if there is none)."""
+        import ray
+
+        return ray.get_actor(name, namespace=self.namespace)
 
     @property
     def router(self) -> str:
@@ -45,10 +53,11 @@ class AppNames:
 
         head = f"{self.prefix}:worker-"
         found = {}
-        for name in ray.util.list_named_actors():
-            if name.startswith(head):
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"]
+            if entry["namespace"] == self.namespace and name.startswith(head):
                 try:
-                    found[name.split(":", 1)[1]] = ray.get_actor(name)
+                    found[name.split(":", 1)[1]] = self.get(name)
                 except ValueError:  # died between the listing and the lookup
                     pass
         return found
@@ -118,8 +127,8 @@ def start_router(max_queue_len: int = 1024, resources: dict[str, float] | None =
     options: dict[str, Any] = dict(num_cpus=0, resources=dict(resources or {}),
                                    max_concurrency=max_queue_len + 1024, max_restarts=0)
     if names is not None:
-        options.update(name=names.router, lifetime="detached", get_if_exists=True,
-                       max_restarts=-1)
+        options.update(name=names.router, namespace=names.namespace, lifetime="detached",
+                       get_if_exists=True, max_restarts=-1)
     return ray.remote(Router).options(**options).remote(
         max_queue_len=max_queue_len, names=names, **kwargs)
 
@@ -129,7 +138,8 @@ def start_worker(worker_id: str, spec: WorkerSpec, router: Any = None) -> Any:
 
     options = spec.actor_options()
     if spec.names is not None:  # found again by name; the router, too, by its name
-        options.update(name=spec.names.worker(worker_id), lifetime="detached")
+        options.update(name=spec.names.worker(worker_id), namespace=spec.names.namespace,
+                       lifetime="detached")
         router = spec.names.router
     return ray.remote(LLMWorker).options(**options).remote(
         worker_id, spec.engine_kwargs, spec.threads(), spec.stream_interval_s, router,

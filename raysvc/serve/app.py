@@ -140,13 +140,13 @@ class OpenAIIngress:
         tokenizer.model_max_length = 1 << 62  # lengths are checked against the context here
         model = ModelFacts(name=a.model_name(), max_model_len=facts["max_model_len"],
                            vocab_size=facts["vocab_size"], max_n=a.max_n)
-        import ray
+        from raysvc.cluster.actors import actor
 
         router_name = facts["router_name"]
         self.server = OpenAIHandler(tokenizer, model, facts["router"],
                                     api_key=a.resolved_api_key(),
                                     max_body_bytes=a.max_body_bytes,
-                                    resolve_router=lambda: ray.get_actor(router_name))
+                                    resolve_router=lambda: actor(router_name))
 
     def __serve_build_asgi_app__(self):
         from raysvc.serve.http_api import build_api

@@ -42,8 +42,10 @@ class ServeArgs(BaseModel):
     ingress_replicas: int = Field(2, ge=1)
     ingress_num_cpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(1024, ge=1)  # per ingress replica (streams included)
-    # Serve's proxy queue in front of the ingress replicas; beyond it 429 + Retry-After
-    max_queued_requests: int = Field(256, ge=0)
+    # Serve's proxy queue in front of the ingress replicas; beyond it 429 + Retry-After.
+    # Serve counts a request as queued while it picks a replica, so a burst of new
+    # connections fills this even when replicas have room: keep it well above bursts.
+    max_queued_requests: int = Field(1024, ge=0)
     # resources that pin the control plane (router, cluster replica, ingress) to CPU
     # nodes, e.g. {"raysvc_control": 1} advertised by the head: a control actor on a GPU
     # node would keep that node from ever being idle and released

@@ -61,9 +61,12 @@ def drain(timeout_s: float) -> int:
 
     from raysvc.cluster.launch import AppNames
 
+    names = AppNames(f"raysvc.{APP_NAME}")
+    name = names.router
     try:
-        router = ray.get_actor(AppNames(f"raysvc.{APP_NAME}").router, namespace="serve")
+        router = names.get(name)
     except ValueError:
+        logger.warning("raysvc serve: no router %s to drain", name)
         return 0
     deadline, left = time.monotonic() + timeout_s, 0
     while True:
