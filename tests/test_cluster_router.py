@@ -264,3 +264,29 @@ def test_a_closing_router_refuses_new_requests_and_counts_the_rest():
         assert router.close() == 0
 
     run(main())
+
+
+def test_a_worker_reported_failed_takes_nothing_until_its_health_is_known():
+    """Failovers re-queue at once; while the router asks the reported worker for its
+    health, they must not land on it again (a dead worker would fail them again)."""
+    async def main():
+        router = Router(health_interval_s=60, report_timeout_s=5)
+        slow = FakeWorker("slow", seqs=4)
+        gate = asyncio.Event()
+
+        async def slow_health():
+            await gate.wait()
+            return WorkerLoad()
+
+        slow.health = _Method(slow_health)
+        await router.add_worker("slow", slow)
+        await router.add_worker("other", FakeWorker("other", seqs=4))
+        check = asyncio.create_task(router.worker_failed("slow"))
+        await asyncio.sleep(0.01)
+        for i in range(4):  # all go to the other worker while "slow" is in doubt
+            assert (await router.acquire(f"r{i}", 8)).worker_id == "other"
+        gate.set()  # healthy after all: it takes requests again
+        assert await check is False
+        assert (await router.acquire("after", 8)).worker_id == "slow"
+
+    run(main())

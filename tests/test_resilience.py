@@ -16,11 +16,12 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
 from test_serve import Server
+
+from raysvc.bench.chaos import processes
 
 PROMPTS = [f"The {w} type is" for w in ("list", "dict", "tuple", "set", "str", "int", "float",
                                         "bytes", "range", "frozenset")]
@@ -33,27 +34,8 @@ class ResilienceServer(Server):
              "--ingress-replicas", "2", "--drain-timeout", "60"]
 
     def processes(self, title: str) -> list[int]:
-        """Pids of this server's descendants whose process title starts with ray::TITLE."""
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                children.setdefault(ppid, []).append(int(entry))
-        found, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            for child in children.get(pid, []):
-                todo.append(child)
-                try:
-                    cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].decode()
-                except OSError:
-                    continue
-                if cmd.startswith(f"ray::{title}"):
-                    found.append(child)
-        return found
+        """Pids of this server's Ray processes titled ray::TITLE."""
+        return sorted(pid for pid, t in processes(self.proc.pid).items() if t == title)
 
 
 @pytest.fixture(scope="module")

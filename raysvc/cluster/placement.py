@@ -73,6 +73,7 @@ class WorkerEntry:
     requests_routed: int = 0
     missed_reports: int = 0
     draining: bool = False
+    suspect: bool = False  # a caller saw it fail; not placed on until its health is known
     recent: float = 0.0  # requests routed here, decayed with the load half-life ...
     recent_time: float = 0.0  # ... as of this time
 
@@ -121,7 +122,7 @@ class WorkerEntry:
         }
 
     def has_room(self, blocks: int, seqs: int) -> bool:
-        return (not self.draining and self.used_seqs + seqs <= self.max_seqs
+        return (not self.draining and not self.suspect and self.used_seqs + seqs <= self.max_seqs
                 and self.used_blocks + blocks <= self.info.kv_blocks_total)
 
 
@@ -172,7 +173,10 @@ class Placer:
                  for w in all_workers}
         # a full worker still competes: waiting for the one holding the prefix beats a
         # miss elsewhere (once it runs hot, the balance rule below sends the request on)
-        pool = [w for w in all_workers if not w.draining] if cfg.wait_for_prefix else fits
+        pool = ([w for w in all_workers if not (w.draining or w.suspect)]
+                if cfg.wait_for_prefix else fits)
+        if not pool:
+            return None, 0
         scored = [(w, w.index.match(hashes)) for w in pool]
 
         def key(item: tuple[WorkerEntry, int]) -> tuple:

@@ -269,8 +269,11 @@ class Router:
         worker = self._workers.get(worker_id)
         if worker is None:
             return False
+        worker.suspect = True  # no placements while we ask: failovers must not land there
         try:
             await asyncio.wait_for(worker.handle.health.remote(), self.report_timeout_s)
+            worker.suspect = False
+            self._dispatch()
             return False
         except Exception:  # died, unreachable or unhealthy: stop routing to it
             if self._workers.get(worker_id) is not worker:  # re-joined meanwhile
