@@ -15,10 +15,12 @@ previous few seconds — a replica's death cuts its own connections, by design),
 stream: the client may retry), hung up (by the client). Serve 2.60's HTTP proxy answers a
 request whose replica died before the response began with a plain 500; right after an
 ingress replica's death those are counted apart, like its cut streams. Then: KV blocks
-still held and requests still admitted on every worker, once the load stopped. Phase 3 (soak, `--soak-minutes`, no
-kills, steady load): RSS of every server process each 30 s; growth from minute 5 to the
-end is reported per process (the first minutes are warm-up: allocator arenas, caches and
-CUDA/torch lazy state grow there, which is not a leak; a leak keeps growing after).
+still held and requests still admitted on every worker, once the load stopped.
+
+Phase 3 (soak, `--soak-minutes`, no kills, steady load): RSS of every server process
+each 30 s; growth from minute 5 to the end is reported per process (the first minutes are
+warm-up: allocator arenas, caches and torch's lazy state grow there, which is not a leak;
+a leak keeps growing after).
 """
 
 from __future__ import annotations
