@@ -55,10 +55,8 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     return bench_main(rest) or 0
 
 
-def serve_args_from_cli(args: argparse.Namespace):
-    """ServeArgs from `raysvc serve` flags (shared with `raysvc bench serve`)."""
-    from raysvc.serve.args import ServeArgs
-
+def engine_from_cli(args: argparse.Namespace) -> dict:
+    """EngineConfig fields from the engine flags (shared by serve, batch and benchmarks)."""
     engine = {name: getattr(args, name) for name in ENGINE_FLAGS
               if getattr(args, name, None) is not None}
     if args.no_prefix_caching:
@@ -69,6 +67,42 @@ def serve_args_from_cli(args: argparse.Namespace):
         except json.JSONDecodeError as e:
             raise ValueError(f"--speculative-config: not JSON ({e}); e.g. "
                              '\'{"method": "draft_model", "num_speculative_tokens": 4}\'') from None
+    return engine
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from raysvc.batch.job import run
+
+    try:
+        args.engine = engine_from_cli(args)
+        args.concurrency = _concurrency(args.concurrency)
+        if not os.path.isfile(args.input):
+            raise ValueError(f"INPUT: {args.input} is not a file")
+        return run(args)
+    except (ValueError, ValidationError) as e:
+        print(f"raysvc batch: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _concurrency(text: str) -> int | tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1 and parts[0] >= 1:
+        return parts[0]
+    if len(parts) == 2 and 1 <= parts[0] <= parts[1]:
+        return parts[0], parts[1]
+    raise ValueError(f"--concurrency: expected N or MIN,MAX (1 <= MIN <= MAX), got {text!r}")
+
+
+def serve_args_from_cli(args: argparse.Namespace):
+    """ServeArgs from `raysvc serve` flags (shared with `raysvc bench serve`)."""
+    from raysvc.serve.args import ServeArgs
+
+    engine = engine_from_cli(args)
     autoscaling = {}
     if args.worker_autoscaling is not None:
         try:
@@ -124,9 +158,23 @@ ENGINE_FLAGS = {
 }
 
 
-def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+def add_engine_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: built-in tiny)")
     p.add_argument("--served-model-name", default=None)
+    for name, (kind, text) in ENGINE_FLAGS.items():
+        if name in skip:
+            continue
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--speculative-config", default=None,
+                   help='JSON, as in vLLM: \'{"method": "draft_model" | "ngram", "model": PATH, '
+                        '"num_speculative_tokens": 4}\'')
+    p.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs a CPU worker reserves")
+    p.add_argument("--worker-threads", type=int, default=None, help="torch threads per worker")
+
+
+def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    add_engine_flags(p, skip)
     p.add_argument("--num-workers", type=int, default=None,
                    help="workers to start with (default: --min-workers; alone: a fixed pool)")
     p.add_argument("--min-workers", type=int, default=None,
@@ -139,13 +187,6 @@ def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
                         '"downscale_delay_s": 300, "drain_timeout_s": 600}\'')
     p.add_argument("--api-key", default=None,
                    help="require Authorization: Bearer KEY (default: $RAYSVC_API_KEY)")
-    for name, (kind, text) in ENGINE_FLAGS.items():
-        if name in skip:
-            continue
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs a CPU worker reserves")
-    p.add_argument("--worker-threads", type=int, default=None, help="torch threads per worker")
     p.add_argument("--stream-interval", type=float, default=0.0,
                    help="seconds a worker waits between stream chunks of one request")
     p.add_argument("--max-queue-len", type=int, default=1024,
@@ -158,9 +199,6 @@ def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
                    help="requests (streams included) one ingress replica holds at once")
     p.add_argument("--max-queued-requests", type=int, default=1024,
                    help="Serve's proxy queue beyond those; further requests get 429")
-    p.add_argument("--speculative-config", default=None,
-                   help='JSON, as in vLLM: \'{"method": "draft_model" | "ngram", "model": PATH, '
-                        '"num_speculative_tokens": 4}\'')
     p.add_argument("--draft-workers", type=int, default=0,
                    help="draft-model actors serving every worker's proposals (0: each worker "
                         "drafts in process); implies a draft_model speculative config")
@@ -195,6 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="on SIGTERM/Ctrl-C, seconds in-flight requests may finish while new "
                           "ones get 503 (a second signal stops at once)")
 
+    batch = sub.add_parser("batch", help="run an OpenAI batch file (JSONL) through engines "
+                                          "on Ray Data; resumable", description=(
+        "Each INPUT line: {custom_id, method: POST, url: /v1/completions | "
+        "/v1/chat/completions, body}. OUTPUT gets one line per custom_id: {id, custom_id, "
+        "response: {status_code, request_id, body}, error}; rerun the same command to "
+        "resume after a crash."))
+    batch.add_argument("input", help="OpenAI batch file (JSONL)")
+    batch.add_argument("output", help="output JSONL (appended; resumed on rerun)")
+    add_engine_flags(batch)
+    batch.add_argument("--concurrency", default="1",
+                       help="engine actors: N (autoscaling 1..N) or MIN,MAX")
+    batch.add_argument("--num-gpus-per-worker", type=float, default=None,
+                       help="GPUs per engine actor (default: 1 on a GPU cluster, else 0)")
+    batch.add_argument("--batch-size", type=int, default=32, help="rows per Ray Data batch")
+    batch.add_argument("--summary-json", default=None, help="write the summary here too")
+    batch.add_argument("--overwrite", action="store_true",
+                       help="start OUTPUT again instead of resuming it")
+    batch.add_argument("--address", default=None,
+                       help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+
     bench = sub.add_parser("bench", help="benchmarks (the rest of the arguments go to them)")
     bench.add_argument("what", choices=["engine", "kernels", "serve", "spec", "routing",
                                         "prefix-cache", "autoscale", "chaos"])
@@ -212,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         return _generate(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "batch":
+        return _batch(args)
     return _bench(args, rest)
 
 

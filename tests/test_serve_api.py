@@ -116,12 +116,13 @@ def serve_app(tokenizer, router):
     """Run the app on a free port in a thread; returns (url, stop)."""
     import uvicorn
 
+    from raysvc.cluster.client import ClusterClient
     from raysvc.serve.handler import OpenAIHandler
     from raysvc.serve.http_api import build_api
     from raysvc.serve.planner import ModelFacts
 
-    server = OpenAIHandler(tokenizer, ModelFacts("m", 256, 512), router,
-                          disconnect_poll_s=0.05)
+    server = OpenAIHandler(tokenizer, ModelFacts("m", 256, 512), ClusterClient(router),
+                           disconnect_poll_s=0.05)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

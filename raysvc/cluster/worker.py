@@ -217,7 +217,7 @@ class LLMWorker:
             del ch.latest[request_id]
             ch.last_sent[request_id] = now
             sent = ch.sent[request_id]
-            chunk = _delta(out, sent)
+            chunk = chunk_since(out, sent)
             self._tokens[request_id] = len(out.prompt_token_ids) + sum(
                 n for n, _ in sent.values())
             batch.append((request_id, chunk))
@@ -241,7 +241,7 @@ class LLMWorker:
         self._shape.pop(request_id, None)
 
 
-def _delta(out, sent: dict[int, tuple[int, bool]]) -> StreamChunk:
+def chunk_since(out, sent: dict[int, tuple[int, bool]]) -> StreamChunk:
     """The part of cumulative output `out` not yet in `sent` (index -> tokens, finished)."""
     chunk = StreamChunk(num_prompt_tokens=len(out.prompt_token_ids), finished=out.finished)
     for comp in out.outputs:

@@ -141,12 +141,12 @@ class OpenAIIngress:
         model = ModelFacts(name=a.model_name(), max_model_len=facts["max_model_len"],
                            vocab_size=facts["vocab_size"], max_n=a.max_n)
         from raysvc.cluster.actors import actor
+        from raysvc.cluster.client import ClusterClient
 
         router_name = facts["router_name"]
-        self.server = OpenAIHandler(tokenizer, model, facts["router"],
-                                    api_key=a.resolved_api_key(),
-                                    max_body_bytes=a.max_body_bytes,
-                                    resolve_router=lambda: actor(router_name))
+        client = ClusterClient(facts["router"], resolve=lambda: actor(router_name))
+        self.server = OpenAIHandler(tokenizer, model, client, api_key=a.resolved_api_key(),
+                                    max_body_bytes=a.max_body_bytes)
 
     def __serve_build_asgi_app__(self):
         from raysvc.serve.http_api import build_api

@@ -20,7 +20,6 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from raysvc.cluster.client import ClusterClient
 from raysvc.cluster.messages import (
     NoWorkers,
     Overloaded,
@@ -61,12 +60,15 @@ class Started:
 
 
 class OpenAIHandler:
-    def __init__(self, tokenizer, facts: ModelFacts, router: Any, api_key: str | None = None,
-                 max_body_bytes: int = 4 << 20, disconnect_poll_s: float = 0.25,
-                 resolve_router=None) -> None:
+    """`client` runs generations: a `ClusterClient` (serving: router + workers), or an
+    engine in this process (`raysvc.batch`) — any object with ClusterClient's `generate`.
+    The health and stats routes need a ClusterClient."""
+
+    def __init__(self, tokenizer, facts: ModelFacts, client: Any, api_key: str | None = None,
+                 max_body_bytes: int = 4 << 20, disconnect_poll_s: float = 0.25) -> None:
         self.tokenizer = tokenizer
         self.facts = facts
-        self.client = ClusterClient(router, resolve=resolve_router)
+        self.client = client
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.disconnect_poll_s = disconnect_poll_s
@@ -76,7 +78,10 @@ class OpenAIHandler:
 
     # -- requests ----------------------------------------------------------------------
 
-    def start(self, body: bytes, chat: bool) -> Started:
+    def start(self, body: bytes, chat: bool, id_suffix: str | None = None,
+              created: int | None = None) -> Started:
+        """Check a request and plan its generation. `id_suffix` and `created` fix the
+        response's id and timestamp (a batch rerun must write the same bytes)."""
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -95,12 +100,18 @@ class OpenAIHandler:
             prompts = planner.completion_prompts(req, self.tokenizer, self.facts)
             top_n = req.logprobs
         plan = planner.plan(req, prompts, self.tokenizer, self.facts)
-        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{self._prefix}{next(self._ids):x}"
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{id_suffix or self._new_suffix()}"
         gen = Generation(self.client, request_id, plan.prompts, plan.engine_params,
                          plan.samples)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Started(request_id, chat, req.stream, include_usage, gen, plan,
-                       build.LogprobCursor(self.tokenizer, top_n))
+        s = Started(request_id, chat, req.stream, include_usage, gen, plan,
+                    build.LogprobCursor(self.tokenizer, top_n))
+        if created is not None:
+            s.created = created
+        return s
+
+    def _new_suffix(self) -> str:
+        return f"{self._prefix}{next(self._ids):x}"
 
     async def collect(self, s: Started) -> BaseModel:
         """Run a non-streaming request to the end and shape its response."""
@@ -115,9 +126,9 @@ class OpenAIHandler:
             self._record(s)
         name = self.facts.name
         if s.chat:
-            return build.chat_response(s.request_id, name, s.gen, s.cursor)
+            return build.chat_response(s.request_id, name, s.gen, s.cursor, s.created)
         return build.completion_response(s.request_id, name, s.gen, s.plan.prompt_texts,
-                                             s.cursor)
+                                         s.cursor, s.created)
 
     async def open_stream(self, s: Started) -> None:
         """Wait for the first output before answering, so queue-full (429) and similar

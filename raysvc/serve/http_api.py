@@ -65,7 +65,11 @@ def build_api(server: OpenAIHandler) -> FastAPI:
         return APIError(400, str(e.errors()[:1])).response()
 
     @app.exception_handler(Exception)
-    async def _internal_error(_: Request, e: Exception) -> JSONResponse:
+    async def _internal_error(_: Request, e: Exception) -> Response:
+        from ray.exceptions import TaskCancelledError
+
+        if isinstance(e, TaskCancelledError):  # Serve cancelled it: the client hung up
+            return Response(status_code=499)
         logger.exception("internal error")
         return APIError(500, f"internal error: {type(e).__name__}: {e}",
                         type="internal_error").response()

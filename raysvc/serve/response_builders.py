@@ -82,7 +82,7 @@ class LogprobCursor:
 
 
 def completion_response(request_id: str, model: str, gen: Generation, prompt_texts: list[str],
-                        cursor: LogprobCursor) -> CompletionResponse:
+                        cursor: LogprobCursor, created: int) -> CompletionResponse:
     choices = []
     n = len(gen.samples[0])
     for index, sample in enumerate(gen.choices):
@@ -91,7 +91,8 @@ def completion_response(request_id: str, model: str, gen: Generation, prompt_tex
             index=index, text=prefix + sample.text, finish_reason=sample.finish_reason,
             stop_reason=sample.stop_reason,
             logprobs=cursor.completion(index, sample, len(prefix))))
-    return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage(gen))
+    return CompletionResponse(id=request_id, model=model, created=created, choices=choices,
+                              usage=usage(gen))
 
 
 def completion_chunk(request_id: str, model: str, created: int, gen: Generation,
@@ -115,13 +116,14 @@ def completion_chunk(request_id: str, model: str, created: int, gen: Generation,
     return CompletionResponse(id=request_id, model=model, created=created, choices=choices)
 
 
-def chat_response(request_id: str, model: str, gen: Generation,
-                  cursor: LogprobCursor) -> ChatCompletionResponse:
+def chat_response(request_id: str, model: str, gen: Generation, cursor: LogprobCursor,
+                  created: int) -> ChatCompletionResponse:
     choices = [ChatChoice(index=index, message=AssistantMessage(content=sample.text),
                           logprobs=cursor.chat(index, sample), finish_reason=sample.finish_reason,
                           stop_reason=sample.stop_reason)
                for index, sample in enumerate(gen.choices)]
-    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage(gen))
+    return ChatCompletionResponse(id=request_id, model=model, created=created, choices=choices,
+                                  usage=usage(gen))
 
 
 def chat_role_chunk(request_id: str, model: str, created: int,

@@ -1,0 +1,33 @@
+"""`EngineClient`: `ClusterClient.generate` over an engine in this process.
+
+A batch actor runs the very request path an HTTP ingress runs (`OpenAIHandler`: request
+checks, chat template, stop strings, response bodies) with this in place of the cluster:
+each request goes to the actor's own `AsyncEngine`, whose outputs become the same
+`StreamChunk`s a worker would send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from raysvc.cluster.messages import StreamChunk
+from raysvc.cluster.worker import chunk_since
+
+
+class EngineClient:
+    def __init__(self, engine) -> None:
+        self.engine = engine  # raysvc.engine.async_engine.AsyncEngine (token ids only)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: dict[str, Any], n: int = 1) -> AsyncIterator[StreamChunk]:
+        from raysvc.engine.sampling_params import SamplingParams
+
+        stream = await self.engine.add_request(request_id, prompt_token_ids,
+                                               SamplingParams(**params))
+        sent: dict[int, tuple[int, bool]] = {}
+        try:
+            async for out in stream:
+                yield chunk_since(out, sent)
+        finally:  # leaving early (stop string, error) aborts the request in the engine
+            await stream.aclose()
