@@ -50,6 +50,8 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         from raysvc.bench.autoscale import main as bench_main
     elif args.what == "chaos":
         from raysvc.bench.chaos import main as bench_main
+    elif args.what == "batch":
+        from raysvc.bench.batch import main as bench_main
     else:
         from raysvc.bench.kernels import main as bench_main
     return bench_main(rest) or 0
@@ -255,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (the rest of the arguments go to them)")
     bench.add_argument("what", choices=["engine", "kernels", "serve", "spec", "routing",
-                                        "prefix-cache", "autoscale", "chaos"])
+                                        "prefix-cache", "autoscale", "chaos", "batch"])
     return parser
 
 

@@ -25,6 +25,7 @@ the same continuation, without reporting the worker as failed or counting an att
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import time
@@ -45,14 +46,19 @@ logger = logging.getLogger(__name__)
 
 
 class _ChannelReader:
-    """This process's end of one worker's output channel: chunks fan out to request queues."""
+    """This process's end of one worker's output channel: chunks fan out to request queues.
+
+    The channel outlives the request that happened to open it, so it is opened from an
+    empty context: inside a Serve replica, a Ray call made in a request's context is that
+    request's child task, and Ray cancels children with their parent — one client hanging
+    up would otherwise close the channel under every other request sharing it."""
 
     def __init__(self, worker: Any) -> None:
         self.id = f"ch-{uuid.uuid4().hex[:12]}"
         self.worker = worker
         self.queues: dict[str, asyncio.Queue] = {}
         self.error: BaseException | None = None
-        self.task = asyncio.create_task(self._pump())
+        self.task = contextvars.Context().run(asyncio.create_task, self._pump())
 
     @property
     def open(self) -> bool:
@@ -162,7 +168,7 @@ class ClusterClient:
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: dict[str, Any], n: int = 1) -> AsyncIterator[StreamChunk]:
         """Stream one request's chunks; raises Overloaded / NoWorkers / WorkerDied / ValueError."""
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, TaskCancelledError
 
         outputs: dict[int, list[int]] = {i: [] for i in range(n)}  # tokens streamed per sample
         ended: set[int] = set()  # samples that finished
@@ -207,6 +213,15 @@ class ClusterClient:
                 return
             except HandedOver as e:  # a drained worker's deadline: not a failure
                 logger.info("%s; continuing it elsewhere", e)
+            except TaskCancelledError as e:  # the channel was cancelled, not the worker
+                if ticket is None:
+                    raise
+                logger.warning("channel to %s closed during %s: %r; continuing elsewhere",
+                               ticket.worker_id, ticket_id, e)
+                failures += 1
+                if failures >= self.max_attempts:
+                    raise WorkerDied(f"request {request_id}: its stream broke {failures} "
+                                     f"times; giving up") from e
             except (RayActorError, _EngineFailed) as e:
                 if ticket is None:
                     raise
