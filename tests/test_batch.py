@@ -198,7 +198,10 @@ def test_changed_input_refuses_to_resume_unless_overwrite(tmp_path, long_job):
 
 def test_driver_memory_does_not_grow_with_the_file(tmp_path):
     """The driver streams: 200k lines cost it about what 20k do (all rows here are refused
-    by the url check, so the run is about moving rows, not generating tokens)."""
+    by the url check, so the run is about moving rows, not generating tokens). Measured as
+    private memory (RssAnon): the object-store pages the driver reads rows from are shared
+    and bounded by the store, and would blur the comparison (measured: +37 MB of them
+    at 300k rows, 0 once released)."""
     def peak_rss(n: int) -> tuple[float, int]:
         inp = tmp_path / f"in{n}.jsonl"
         with inp.open("w") as f:
@@ -208,7 +211,7 @@ def test_driver_memory_does_not_grow_with_the_file(tmp_path):
         job = _batch(inp, out, "--batch-size", "512", wait=False)
         peak = 0.0
         while job.poll() is None:
-            peak = max(peak, rss_mb(job.pid) or 0.0)
+            peak = max(peak, rss_mb(job.pid, "RssAnon") or 0.0)
             time.sleep(0.1)
         assert job.returncode == 0, job.stdout.read()[-3000:]
         return peak, sum(1 for _ in out.open())
@@ -216,7 +219,8 @@ def test_driver_memory_does_not_grow_with_the_file(tmp_path):
     small, n_small = peak_rss(20_000)
     large, n_large = peak_rss(200_000)
     assert (n_small, n_large) == (20_000, 200_000)
-    assert large - small < 40, (small, large)  # 180k more rows: not 180k rows' worth
+    # 180k more rows (~50 MB of output): a few MB (the input check keeps 8 bytes a row)
+    assert large - small < 25, (small, large)
 
 
 def test_processor_in_a_user_pipeline(llm):

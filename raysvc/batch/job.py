@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 
 from raysvc.batch.openai_file import OutputFile, check_input
 
+OBJECT_STORE_BUDGET = 128 << 20  # bytes of rows in flight through the pipeline
+
 
 @dataclass
 class Summary:
@@ -121,6 +123,12 @@ def _process(args, config, done, created: int, out: OutputFile, summary: Summary
     ctx.enable_progress_bars = False  # ours says rows, tokens, ETA and failures
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Rows wait for this process in Ray's object store, whose pages count in its RSS as it
+    # reads them: a bounded buffer ahead of the writer keeps this process's memory flat
+    # whatever the file's size (rows are small; engines, not buffers, set the pace).
+
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=OBJECT_STORE_BUDGET)
     try:
         skip = ray.put(done) if len(done) else None
         # reading costs little CPU; a whole CPU per read task could leave the engine

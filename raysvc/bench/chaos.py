@@ -66,10 +66,12 @@ def processes(root: int) -> dict[int, str]:
     return found
 
 
-def rss_mb(pid: int) -> float | None:
+def rss_mb(pid: int, kind: str = "VmRSS") -> float | None:
+    """Resident MB of `pid`: all of it (VmRSS), or its private part (RssAnon: without the
+    shared pages of Ray's object store that it has read, or mapped files)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(kind + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
