@@ -458,6 +458,29 @@ def test_bench_serve_runs_against_the_server(server, tmp_path):
     assert row["p50_ttft_ms"] > 0 and row["p99_itl_ms"] >= row["p50_itl_ms"]
 
 
+def test_metrics_on_the_api_port(server, client):
+    """GET /metrics gathers raysvc's families from Ray's metrics agents (names as a
+    Prometheus scrape of the agents sees them), once each, HELP and TYPE first."""
+    import urllib.request
+
+    client.completions.create(model="tiny", prompt="The list type", max_tokens=4)
+    wanted = ("ray_raysvc_num_requests_running", "ray_raysvc_kv_cache_usage_perc",
+              "ray_raysvc_workers_ready", "ray_raysvc_time_to_first_token_seconds_bucket",
+              "ray_raysvc_prefix_cache_queries")
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:  # Ray's agents export every few seconds
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+            text = r.read().decode()
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    assert all(name in text for name in wanted), [n for n in wanted if n not in text]
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(types) == len(set(types))  # one family block per name
+    assert all(line.startswith(("#", "ray_raysvc_")) for line in text.splitlines() if line)
+
+
 def test_sigterm_shuts_down_cleanly(server):
     _wait_all_free(server)
     start = time.monotonic()
@@ -467,3 +490,4 @@ def test_sigterm_shuts_down_cleanly(server):
     assert "raysvc serve: stopped" in out
     assert "Traceback" not in out and "*** SIGTERM received" not in out, out[-3000:]
     assert took < 3.0, f"idle shutdown took {took:.1f}s"
+

@@ -211,3 +211,15 @@ def test_disconnect_aborts_on_worker_and_releases_ticket(tokenizer, stream):
         assert len(worker.aborted) == 1 and worker.aborted[0] == router.released[0]
     finally:
         stop()
+
+
+def test_metrics_pages_merge_per_family():
+    from raysvc.serve.metrics_page import merge
+
+    a = ("# HELP ray_raysvc_x Requests.\n# TYPE ray_raysvc_x gauge\n"
+         'ray_raysvc_x{WorkerId="1"} 3\n# HELP ray_other y\n# TYPE ray_other gauge\n'
+         "ray_other 1\n")
+    b = ('# HELP ray_raysvc_x Requests.\n# TYPE ray_raysvc_x gauge\nray_raysvc_x{WorkerId="2"} 4\n')
+    assert merge([a, b, ""]).splitlines() == [
+        "# HELP ray_raysvc_x Requests.", "# TYPE ray_raysvc_x gauge",
+        'ray_raysvc_x{WorkerId="1"} 3', 'ray_raysvc_x{WorkerId="2"} 4']

@@ -256,13 +256,13 @@ def test_workers_on_a_draining_node_are_drained():
     async def main():
         nodes = {"worker-0": "a", "worker-1": "b"}
         fleet = Fleet(lambda wid: {"node": nodes.get(wid, "c")})
-        leaving: set[str] = set()
+        leaving: dict[str, float] = {}
         router = Router(health_interval_s=3600)
         pool = WorkerPool(router, fleet.launch, fleet.kill, 2, 3, FAST, seats_per_worker=4,
-                          draining_nodes=lambda: set(leaving))
+                          draining_nodes=lambda: dict(leaving))
         router.attach_pool(pool)
         await pool.start(2, 5)
-        leaving.add("b")
+        leaving["b"] = 0.0  # no deadline
         await pool.tick(now=10_000.0)
         assert states(pool)["worker-1"] == "draining"
         await asyncio.sleep(0.05)

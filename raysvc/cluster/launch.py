@@ -102,7 +102,7 @@ def _cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def draining_nodes() -> set[str]:
+def draining_nodes() -> dict[str, float]:
     """Ids (hex) of the nodes Ray is draining before it removes them: a preemption (a
     KubeRay pod being deleted sends one, with a deadline), or the autoscaler's v2 idle
     termination. Ray 2.60 has no public API or push notice for this: `ray.nodes()` and
@@ -110,7 +110,8 @@ def draining_nodes() -> set[str]:
     table does, and Ray Serve, Train and Data poll it the same way."""
     from ray._private.state import state
 
-    return set(state.get_draining_nodes())
+    # node id (hex) -> the drain's deadline in epoch milliseconds, 0: none
+    return {node: float(deadline) for node, deadline in state.get_draining_nodes().items()}
 
 
 def start_router(max_queue_len: int = 1024, resources: dict[str, float] | None = None,

@@ -65,6 +65,11 @@ class ClusterMetrics:
         self.spec_accepted_per_pos = _make(
             "Counter", "raysvc_spec_decode_num_accepted_tokens_per_pos",
             "Accepted proposed tokens by position in the proposal.", ("worker_id", "position"))
+        # vLLM's prefix_cache_queries / _hits: hit rate = hits / queries (tokens)
+        self.prefix_queries = _make("Counter", "raysvc_prefix_cache_queries",
+                                    "Prompt tokens looked up in a worker's prefix cache.", tags)
+        self.prefix_hits = _make("Counter", "raysvc_prefix_cache_hits",
+                                 "Prompt tokens found in a worker's prefix cache.", tags)
 
         tags = ()
         self.workers_target = _make("Gauge", "raysvc_workers_target",
@@ -97,6 +102,8 @@ class ClusterMetrics:
         _record(self.preemptions, "set", load.num_preemptions, tags)
         prev = previous or WorkerLoad()
         for metric, new, old in (
+                (self.prefix_queries, load.prefix_cache_queries, prev.prefix_cache_queries),
+                (self.prefix_hits, load.prefix_cache_hits, prev.prefix_cache_hits),
                 (self.spec_drafts, load.spec_num_drafts, prev.spec_num_drafts),
                 (self.spec_draft_tokens, load.spec_draft_tokens, prev.spec_draft_tokens),
                 (self.spec_accepted, load.spec_accepted_tokens, prev.spec_accepted_tokens)):

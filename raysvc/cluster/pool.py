@@ -17,9 +17,10 @@ it asks the policy (`autoscaler.py`) for a target and moves the pool toward it:
   admitted work, then least cached prefix. The router stops placing on it, its requests
   finish; at `drain_timeout_s` the rest are handed over to other workers by the seamless
   failover; then the actor is killed and its prefix index dropped.
-- **Node drain**: Ray marks a node as draining before it removes it (preemption, or the
-  autoscaler's idle termination); workers on such a node drain the same way, and the
-  policy's count no longer includes them, so their replacements start elsewhere.
+- **Node drain**: Ray marks a node as draining before it removes it (preemption — a
+  KubeRay pod being deleted — or the autoscaler's idle termination); workers on such a
+  node drain the same way, handing their requests over before the drain's deadline, and
+  the policy's count no longer includes them, so their replacements start elsewhere.
 - A member that died is replaced: Ray restarts it (`max_restarts`) and it re-joins, or,
   if it is gone for good, the pool starts another.
 
@@ -68,7 +69,7 @@ class WorkerPool:
     def __init__(self, router: Router, launch: Callable[[str], Any],
                  kill: Callable[[Any], None], min_workers: int, max_workers: int,
                  config: AutoscalingConfig | dict | None = None, seats_per_worker: int = 256,
-                 draining_nodes: Callable[[], set[str]] | None = None) -> None:
+                 draining_nodes: Callable[[], dict[str, float]] | None = None) -> None:
         self.router = router
         self.launch = launch
         self.kill = kill
@@ -332,7 +333,12 @@ class WorkerPool:
             return
         for m in list(self.members.values()):
             if m.state == "ready" and m.node_id in leaving:
-                self._begin_drain(m, f"its node {m.node_id[:12]} is being drained by Ray")
+                deadline_ms = leaving[m.node_id]  # Ray kills the node then: finish before
+                timeout = self.config.drain_timeout_s
+                if deadline_ms:
+                    timeout = min(timeout, max(deadline_ms / 1000 - time.time() - 5.0, 0.0))
+                self._begin_drain(m, f"its node {m.node_id[:12]} is being drained by Ray",
+                                  timeout)
 
     # -- stats -------------------------------------------------------------------------
 

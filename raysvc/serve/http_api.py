@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API as a FastAPI app over one `OpenAIHandler`.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /cluster/stats. Every error leaves in OpenAI's error shape. Built per replica (Serve's
-late-bound ingress), so the routes close over their server instead of a global.
+GET /metrics (Prometheus), GET /cluster/stats. Every error leaves in OpenAI's error
+shape. Built per replica (Serve's late-bound ingress), so the routes close over their
+server instead of a global.
 """
 
 from __future__ import annotations
@@ -115,6 +116,14 @@ def build_api(server: OpenAIHandler) -> FastAPI:
         ok, detail = await server.health()
         return JSONResponse({"status": "ok" if ok else "unavailable", **detail},
                             status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """raysvc's Prometheus metrics from every node's Ray metrics agent (no auth, as
+        vLLM's: scrapers rarely carry API keys; it holds counts, not content)."""
+        from raysvc.serve.metrics_page import metrics_text
+
+        return Response(await metrics_text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/cluster/stats")
     async def cluster_stats(request: Request) -> JSONResponse:
