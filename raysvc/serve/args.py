@@ -26,7 +26,7 @@ class ServeArgs(BaseModel):
     worker_autoscaling: dict[str, Any] = Field(default_factory=dict)
     engine: dict[str, Any] = Field(default_factory=dict)  # EngineConfig fields
     worker_num_cpus: float = Field(1.0, ge=0)
-    worker_num_gpus: float | None = None  # None: 1 on a GPU cluster, else 0
+    worker_num_gpus: float | None = Field(None, ge=0)  # None: 1 on a GPU cluster, else 0
     worker_resources: dict[str, float] = Field(default_factory=dict)
     worker_torch_threads: int | None = None
     stream_interval_s: float = Field(0.0, ge=0)
