@@ -7,7 +7,9 @@ Rows are /v1/completions requests with token-id prompts, greedy, `ignore_eos`, s
 path does the same work. Each path's time is end to end as a user would see it: for
 `raysvc batch` that includes starting its local Ray and engine actors (the summary's
 `seconds`), for HTTP the requests only (the server was started before the clock),
-for HF the generate calls only. Every path's texts must equal raysvc batch's.
+for HF the generate calls only. Every path's texts must equal raysvc batch's; the model
+runs in float32 everywhere (the built-in model's bf16 rounds differently per batch shape,
+which flips near-tied greedy choices between paths that batch differently).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def run_batch(rows: list[dict], workdir: Path, actors: int, threads: int) -> tup
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out, summary = workdir / f"out{actors}.jsonl", workdir / f"summary{actors}.json"
     args = Namespace(input=str(inp), output=str(out), model=None, served_model_name=None,
-                     engine={"max_num_seqs": 256}, concurrency=(actors, actors), batch_size=16,
+                     engine={"max_num_seqs": 256, "dtype": "float32"},
+                     concurrency=(actors, actors), batch_size=16,
                      num_gpus_per_worker=None, worker_cpus=1.0, worker_threads=threads,
                      summary_json=str(summary), overwrite=True, address=None)
     assert run(args) == 0
@@ -55,8 +58,8 @@ def run_http(rows: list[dict], concurrency: int, threads: int) -> tuple[float, d
     from raysvc.serve import launcher
     from raysvc.serve.args import ServeArgs
 
-    url = launcher.start(ServeArgs(worker_torch_threads=threads, ingress_replicas=1),
-                         port=_free_port())
+    url = launcher.start(ServeArgs(worker_torch_threads=threads, ingress_replicas=1,
+                                   engine={"dtype": "float32"}), port=_free_port())
     try:
         async def main():
             texts = {}
@@ -82,7 +85,7 @@ def run_hf(w, batch_size: int) -> tuple[float, dict]:
     from raysvc.engine.llm_engine import load_tokenizer
     from raysvc.models.builtin import path
 
-    model = AutoModelForCausalLM.from_pretrained(path("tiny")).eval()
+    model = AutoModelForCausalLM.from_pretrained(path("tiny")).float().eval()
     tok = load_tokenizer(path("tiny"))
     seconds, outs = run_hf_static(model, w, batch_size)
     return seconds, {f"r{i}": tok.decode(ids, skip_special_tokens=True)
