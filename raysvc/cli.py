@@ -88,6 +88,19 @@ def _batch(args: argparse.Namespace) -> int:
         return 2
 
 
+def _origins(text: str) -> list[str]:
+    """vLLM's --allowed-origins: a JSON list (or one origin, or a comma-separated few)."""
+    if text.strip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--allowed-origins: not a JSON list ({e})") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("--allowed-origins: expected a JSON list of strings")
+        return value
+    return [o.strip() for o in text.split(",") if o.strip()]
+
+
 def _concurrency(text: str) -> int | tuple[int, int]:
     try:
         parts = [int(p) for p in text.split(",")]
@@ -122,6 +135,9 @@ def serve_args_from_cli(args: argparse.Namespace):
                      ingress_replicas=args.ingress_replicas,
                      max_ongoing_requests=args.max_ongoing_requests,
                      max_queued_requests=args.max_queued_requests,
+                     tool_call_parser=args.tool_call_parser,
+                     trust_request_chat_template=args.trust_request_chat_template,
+                     allowed_origins=_origins(args.allowed_origins),
                      draft_workers=args.draft_workers,
                      draft_num_cpus=args.draft_cpus, draft_num_gpus=args.draft_gpus,
                      draft_torch_threads=args.draft_threads)
@@ -201,6 +217,12 @@ def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
                    help="requests (streams included) one ingress replica holds at once")
     p.add_argument("--max-queued-requests", type=int, default=1024,
                    help="Serve's proxy queue beyond those; further requests get 429")
+    p.add_argument("--tool-call-parser", default="auto",
+                   help="how the model writes tool calls: auto | hermes | llama3_json | mistral")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests bring their own chat_template")
+    p.add_argument("--allowed-origins", default='["*"]',
+                   help="CORS origins, a JSON list (default: any)")
     p.add_argument("--draft-workers", type=int, default=0,
                    help="draft-model actors serving every worker's proposals (0: each worker "
                         "drafts in process); implies a draft_model speculative config")

@@ -385,7 +385,7 @@ COMPLETIONS_BAD = [
     (b"{not json", 400, None),
     ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
     ({"prompt": 5}, 400, "prompt"),
-    ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "x", "stream": "maybe"}, 400, "stream"),
     ({"max_tokens": 5}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-9"}, 404, "model"),
     ({"prompt": [5] * 600}, 400, "prompt"),

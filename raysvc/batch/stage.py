@@ -54,8 +54,11 @@ class EngineStage:
         if tokenizer is None:
             raise ValueError(f"model {llm.model_path}: no tokenizer; batch requests need one")
         tokenizer.model_max_length = 1 << 62  # lengths are checked against the context here
+        from raysvc.serve.tool_parsers import parser_for
+
         facts = ModelFacts(name=served_name, max_model_len=llm.max_model_len,
-                           vocab_size=llm.model_config.vocab_size, max_n=max_n)
+                           vocab_size=llm.model_config.vocab_size, max_n=max_n,
+                           tool_parser=parser_for(getattr(tokenizer, "chat_template", None)))
         self.handler = OpenAIHandler(tokenizer, facts, EngineClient(self.engine))
         self.served_name = served_name
         self.mode = mode

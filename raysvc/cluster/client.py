@@ -111,7 +111,8 @@ def merge_chunks(a: StreamChunk, b: StreamChunk) -> StreamChunk:
             m.logprobs = (m.logprobs or []) + d.logprobs
         m.finish_reason, m.stop_reason = d.finish_reason, d.stop_reason
     return StreamChunk(b.num_prompt_tokens, sorted(by_index.values(), key=lambda d: d.index),
-                       b.finished, b.error)
+                       b.finished, prompt_logprobs=a.prompt_logprobs or b.prompt_logprobs,
+                       error=b.error)
 
 
 class _EngineFailed(RuntimeError):
@@ -123,7 +124,8 @@ def _continued(params: dict[str, Any], num_generated: int) -> dict[str, Any]:
     if not num_generated:
         return params
     return {**params, "max_tokens": int(params.get("max_tokens", 16)) - num_generated,
-            "min_tokens": max(int(params.get("min_tokens", 0)) - num_generated, 0)}
+            "min_tokens": max(int(params.get("min_tokens", 0)) - num_generated, 0),
+            "prompt_logprobs": None}  # the caller has the prompt's already
 
 
 class ClusterClient:

@@ -115,6 +115,8 @@ class StreamChunk:
     num_prompt_tokens: int
     deltas: list[SeqDelta] = field(default_factory=list)
     finished: bool = False
+    # per prompt token (the first None): {token id: (logprob, rank)}, in the first chunk
+    prompt_logprobs: list[dict[int, tuple[float, int]] | None] | None = None
     error: str | None = None  # the worker's engine failed: the request cannot finish
     handed_over: bool = False  # the worker is leaving: continue the request elsewhere
 

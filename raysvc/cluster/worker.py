@@ -227,7 +227,7 @@ class LLMWorker:
             if isinstance(error, HandedOver):
                 batch.append((request_id, StreamChunk(0, [], True, handed_over=True)))
             else:
-                batch.append((request_id, StreamChunk(0, [], True, repr(error))))
+                batch.append((request_id, StreamChunk(0, [], True, error=repr(error))))
             ch.latest.pop(request_id, None)
             self._forget(ch, request_id)
         ch.failed.clear()
@@ -244,6 +244,11 @@ class LLMWorker:
 def chunk_since(out, sent: dict[int, tuple[int, bool]]) -> StreamChunk:
     """The part of cumulative output `out` not yet in `sent` (index -> tokens, finished)."""
     chunk = StreamChunk(num_prompt_tokens=len(out.prompt_token_ids), finished=out.finished)
+    if out.prompt_logprobs is not None and -1 not in sent:  # once, with the first chunk
+        chunk.prompt_logprobs = [None if e is None else
+                                 {tid: (lp.logprob, lp.rank) for tid, lp in e.items()}
+                                 for e in out.prompt_logprobs]
+        sent[-1] = (0, True)
     for comp in out.outputs:
         start, reported_finish = sent.get(comp.index, (0, False))
         finished = comp.finish_reason is not None

@@ -324,7 +324,7 @@ class LLMEngine:
         delta = detokenize_step(self.tokenizer, seq) if self.tokenizer is not None else ""
         may_stop = seq.num_output_tokens >= params.min_tokens
         if may_stop and token in seq.request.stop_token_ids:
-            seq.finish("stop", token)
+            seq.finish("stop", token if token in params.stop_token_ids else None)
         elif may_stop and delta and params.stop and (stop := find_stop_string(seq, len(delta))):
             seq.finish("stop", stop)
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:

@@ -139,7 +139,10 @@ class OpenAIIngress:
                              f"needs one")
         tokenizer.model_max_length = 1 << 62  # lengths are checked against the context here
         model = ModelFacts(name=a.model_name(), max_model_len=facts["max_model_len"],
-                           vocab_size=facts["vocab_size"], max_n=a.max_n)
+                           vocab_size=facts["vocab_size"], max_n=a.max_n,
+                           trust_request_chat_template=a.trust_request_chat_template,
+                           tool_parser=_tool_parser(a, tokenizer, facts["model_path"]))
+        self.allowed_origins = a.allowed_origins
         from raysvc.cluster.actors import actor
         from raysvc.cluster.client import ClusterClient
 
@@ -151,7 +154,21 @@ class OpenAIIngress:
     def __serve_build_asgi_app__(self):
         from raysvc.serve.http_api import build_api
 
-        return build_api(self.server)
+        return build_api(self.server, self.allowed_origins)
+
+
+def _tool_parser(a: ServeArgs, tokenizer, model_path: str) -> str:
+    if a.tool_call_parser != "auto":
+        return a.tool_call_parser
+    import json
+
+    from raysvc.serve.tool_parsers import parser_for
+
+    try:
+        model_type = json.loads((Path(model_path) / "config.json").read_text())["model_type"]
+    except (OSError, ValueError, KeyError):
+        model_type = ""
+    return parser_for(getattr(tokenizer, "chat_template", None), model_type)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

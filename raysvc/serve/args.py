@@ -38,6 +38,11 @@ class ServeArgs(BaseModel):
     api_key: str | None = None  # None: $RAYSVC_API_KEY if set, else no auth
     max_body_bytes: int = Field(4 << 20, ge=1024)
     max_n: int = Field(16, ge=1)
+    # how the model writes tool calls: "auto" (from its chat template and architecture),
+    # or vLLM's --tool-call-parser names: hermes, llama3_json, mistral
+    tool_call_parser: str = "auto"
+    trust_request_chat_template: bool = False  # vLLM's: requests may bring chat_template
+    allowed_origins: list[str] = Field(default_factory=lambda: ["*"])  # CORS, as vLLM's
     # two by default: one replica's death then cuts only its own connections
     ingress_replicas: int = Field(2, ge=1)
     ingress_num_cpus: float = Field(0.0, ge=0)
@@ -62,6 +67,15 @@ class ServeArgs(BaseModel):
     draft_num_cpus: float = Field(1.0, ge=0)
     draft_num_gpus: float = Field(0.0, ge=0)  # e.g. 0.25: four draft actors share a GPU
     draft_torch_threads: int | None = Field(None, ge=1)
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, v: str) -> str:
+        from raysvc.serve.tool_parsers import PARSERS
+
+        if v != "auto" and v not in PARSERS:
+            raise ValueError(f"tool_call_parser: {v!r} is not one of auto, {', '.join(PARSERS)}")
+        return v
 
     @field_validator("model", mode="before")
     @classmethod

@@ -44,14 +44,20 @@ class SampleText:
         return len(self.token_ids) - self.num_prompt_tokens
 
     def add(self, token_ids: list[int],
-            logprobs: list[dict[int, tuple[float, int]]] | None = None) -> None:
-        """Append new tokens; stops (and ignores the rest) at the first stop string."""
+            logprobs: list[dict[int, tuple[float, int]]] | None = None,
+            hide_last: bool = False) -> None:
+        """Append new tokens; stops (and ignores the rest) at the first stop string. With
+        `hide_last`, the last token counts but adds no text (a stop token: EOS, or one of
+        stop_token_ids, unless include_stop_str_in_output), as in vLLM."""
         for i, token in enumerate(token_ids):
             if self.finished:
                 return
             self.token_ids.append(token)
             if logprobs is not None:
                 self.logprobs.append(logprobs[i])
+            if hide_last and i == len(token_ids) - 1 and not self.include_stop:
+                self.prefix_offset = self.read_offset = len(self.token_ids)
+                return
             delta = self._decode_step()
             if delta and self.stop and self.num_output_tokens >= self.min_tokens:
                 self._find_stop(len(delta))

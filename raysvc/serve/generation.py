@@ -46,6 +46,8 @@ class Generation:
         self.engine_params = engine_params
         self.samples = samples  # [prompt][sample]
         self.timing = Timing()
+        self.prompt_logprobs: list[list | None] = [None] * len(prompts)
+        self.score_only = False  # max_tokens 0: the one generated token is not reported
 
     @property
     def choices(self) -> list[SampleText]:
@@ -57,7 +59,7 @@ class Generation:
 
     @property
     def num_output_tokens(self) -> int:
-        return sum(s.num_output_tokens for s in self.choices)
+        return 0 if self.score_only else sum(s.num_output_tokens for s in self.choices)
 
     async def stream(self) -> AsyncIterator[list[int]]:
         """Yield the choice indices that moved, after every worker chunk, until all end."""
@@ -103,12 +105,17 @@ class Generation:
                                       self.engine_params, n)
         try:
             async for chunk in stream:
+                if chunk.prompt_logprobs is not None and self.prompt_logprobs[i] is None:
+                    self.prompt_logprobs[i] = chunk.prompt_logprobs
                 moved, tokens = [], 0
                 for delta in chunk.deltas:
                     sample = samples[delta.index]
                     if sample.finished:
                         continue
-                    sample.add(delta.token_ids, delta.logprobs)
+                    # a stop token (EOS, stop_token_ids) ends the text; it is not part of it
+                    stop_token = (delta.finish_reason == "stop" and delta.token_ids
+                                  and not isinstance(delta.stop_reason, str))
+                    sample.add(delta.token_ids, delta.logprobs, hide_last=bool(stop_token))
                     tokens += len(delta.token_ids)
                     if delta.finish_reason is not None:
                         sample.finish(delta.finish_reason, delta.stop_reason)

@@ -57,6 +57,8 @@ class Started:
     created: int = field(default_factory=lambda: int(time.time()))
     iterator: AsyncIterator[list[int]] | None = None
     first: list[int] | None = None
+    tool_parser: str | None = None  # parse tool calls out of the answers (tool_choice auto)
+    continuous_usage: bool = False  # usage in every chunk (vLLM's continuous_usage_stats)
 
 
 class OpenAIHandler:
@@ -94,7 +96,7 @@ class OpenAIHandler:
             raise from_validation_error(e) from e
         planner.check_model(req.model, self.facts)
         if chat:
-            prompts = [planner.chat_prompt(req, self.tokenizer)]
+            prompts = [planner.chat_prompt(req, self.tokenizer, self.facts)]
             top_n = (req.top_logprobs or 0) if req.logprobs else None
         else:
             prompts = planner.completion_prompts(req, self.tokenizer, self.facts)
@@ -103,9 +105,13 @@ class OpenAIHandler:
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{id_suffix or self._new_suffix()}"
         gen = Generation(self.client, request_id, plan.prompts, plan.engine_params,
                          plan.samples)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        s = Started(request_id, chat, req.stream, include_usage, gen, plan,
-                    build.LogprobCursor(self.tokenizer, top_n))
+        gen.score_only = plan.score_only
+        options = req.stream_options
+        s = Started(request_id, chat, req.stream, bool(options and options.include_usage), gen,
+                    plan, build.LogprobCursor(self.tokenizer, top_n),
+                    continuous_usage=bool(options and options.continuous_usage_stats))
+        if chat and req.tools and req.tool_choice in (None, "auto"):
+            s.tool_parser = self.facts.tool_parser
         if created is not None:
             s.created = created
         return s
@@ -126,9 +132,10 @@ class OpenAIHandler:
             self._record(s)
         name = self.facts.name
         if s.chat:
-            return build.chat_response(s.request_id, name, s.gen, s.cursor, s.created)
-        return build.completion_response(s.request_id, name, s.gen, s.plan.prompt_texts,
-                                         s.cursor, s.created)
+            return build.chat_response(s.request_id, name, s.gen, s.cursor, s.created,
+                                       s.tool_parser)
+        return build.completion_response(s.request_id, name, s.gen, s.plan, s.cursor,
+                                         s.created)
 
     async def open_stream(self, s: Started) -> None:
         """Wait for the first output before answering, so queue-full (429) and similar
@@ -143,6 +150,11 @@ class OpenAIHandler:
     async def sse(self, s: Started) -> AsyncIterator[str]:
         """Server-sent events as OpenAI sends them; the last is `data: [DONE]`."""
         name, echoed = self.facts.name, set()
+        streams = None
+        if s.tool_parser is not None:
+            from raysvc.serve.tool_parsers import ToolStream
+
+            streams = {i: ToolStream(s.tool_parser) for i in range(len(s.gen.choices))}
         try:
             if s.chat:
                 role = build.chat_role_chunk(s.request_id, name, s.created,
@@ -152,13 +164,14 @@ class OpenAIHandler:
             while moved is not None:
                 if s.chat:
                     chunk = build.chat_chunk(s.request_id, name, s.created, s.gen, moved,
-                                                 s.cursor)
+                                             s.cursor, streams)
                 else:
                     chunk = build.completion_chunk(s.request_id, name, s.created, s.gen,
-                                                       moved, s.plan.prompt_texts, s.cursor,
-                                                       echoed)
+                                                   moved, s.plan, s.cursor, echoed)
                 if chunk is not None:
-                    yield _event(chunk, s.include_usage)
+                    if s.continuous_usage:
+                        chunk.usage = build.usage(s.gen)
+                    yield _event(chunk, s.include_usage or s.continuous_usage)
                 moved = await anext(s.iterator, None)
             if s.include_usage:
                 kind = build.ChatCompletionChunk if s.chat else build.CompletionResponse
@@ -183,6 +196,52 @@ class OpenAIHandler:
                                   [c.finish_reason or "abort" for c in s.gen.choices])
 
     # -- other routes ------------------------------------------------------------------
+
+    def tokenize(self, body: bytes) -> dict:
+        """vLLM's /tokenize: the ids a prompt (or a chat) becomes, as generation sees them."""
+        from raysvc.serve.schema import (
+            ChatCompletionRequest,
+            TokenizeRequest,
+            TokenizeResponse,
+        )
+
+        req = self._parse(TokenizeRequest, body)
+        planner.check_model(req.model, self.facts)
+        if req.messages is not None:
+            chat = ChatCompletionRequest(
+                messages=req.messages, add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs,
+                tools=req.tools)
+            ids = planner.chat_prompt(chat, self.tokenizer, self.facts)
+            if req.add_special_tokens:
+                ids = self.tokenizer.build_inputs_with_special_tokens(ids)
+        else:
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens
+                                        is not False)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.facts.max_model_len,
+                                tokens=ids, token_strs=strs).model_dump()
+
+    def detokenize(self, body: bytes) -> dict:
+        from raysvc.serve.schema import DetokenizeRequest, DetokenizeResponse
+
+        req = self._parse(DetokenizeRequest, body)
+        planner.check_model(req.model, self.facts)
+        bad = [t for t in req.tokens if not 0 <= t < self.facts.vocab_size]
+        if bad:
+            raise bad_request(f"tokens: token id {bad[0]} is outside the vocabulary "
+                              f"[0, {self.facts.vocab_size})", param="tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens)).model_dump()
+
+    def _parse(self, model, body: bytes):
+        try:
+            return model.model_validate_json(body.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise bad_request(f"request body is not valid UTF-8 (byte {e.start})",
+                              code="invalid_encoding") from e
+        except ValidationError as e:
+            raise from_validation_error(e) from e
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.facts.name, root=self.facts.name,

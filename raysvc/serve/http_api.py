@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API as a FastAPI app over one `OpenAIHandler`.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics (Prometheus), GET /cluster/stats. Every error leaves in OpenAI's error
-shape. Built per replica (Serve's late-bound ingress), so the routes close over their
-server instead of a global.
+GET|POST /ping, POST /tokenize, POST /detokenize, GET /version, GET /metrics
+(Prometheus), GET /cluster/stats. CORS as vLLM's (`allowed_origins`, default any). Every
+error leaves in OpenAI's error shape. Built per replica (Serve's late-bound ingress), so
+the routes close over their server instead of a global.
 """
 
 from __future__ import annotations
@@ -38,8 +39,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def build_api(server: OpenAIHandler) -> FastAPI:
+def build_api(server: OpenAIHandler, allowed_origins: list[str] | None = None) -> FastAPI:
+    from fastapi.middleware.cors import CORSMiddleware
+
     app = FastAPI(title="raysvc", description="OpenAI-compatible LLM serving on Ray Serve")
+    # CORS as vLLM's defaults: any origin, method and header, no credentials
+    app.add_middleware(CORSMiddleware, allow_origins=allowed_origins or ["*"],
+                       allow_methods=["*"], allow_headers=["*"], allow_credentials=False)
 
     def authorize(request: Request) -> None:
         key = server.api_key
@@ -116,6 +122,30 @@ def build_api(server: OpenAIHandler) -> FastAPI:
         ok, detail = await server.health()
         return JSONResponse({"status": "ok" if ok else "unavailable", **detail},
                             status_code=200 if ok else 503)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        authorize(request)
+        body = await read_body(request, server.max_body_bytes)
+        return JSONResponse(server.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        authorize(request)
+        body = await read_body(request, server.max_body_bytes)
+        return JSONResponse(server.detokenize(body))
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        from importlib.metadata import version as dist_version
+
+        return JSONResponse({"version": dist_version("raysvc")})
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        """SageMaker-style liveness (vLLM serves it): 200 while a worker is ready."""
+        ok, _ = await server.health()
+        return Response(status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -18,7 +18,7 @@ from raysvc.serve.detokenizer import SampleText
 from raysvc.serve.errors import APIError, bad_request, from_validation_error
 from raysvc.serve.schema import ChatCompletionRequest, CompletionRequest
 
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass(slots=True)
@@ -30,6 +30,8 @@ class ModelFacts:
     vocab_size: int
     max_n: int = 16
     max_prompts: int = 64
+    trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
+    tool_parser: str = "hermes"  # how this model writes tool calls (serve/tool_parsers.py)
 
 
 @dataclass(slots=True)
@@ -38,6 +40,9 @@ class Plan:
     prompt_texts: list[str]  # for echo
     engine_params: dict[str, Any]
     samples: list[list[SampleText]]
+    score_only: bool = False  # max_tokens 0: the prompt's logprobs, no completion
+    echo_logprobs: bool = False  # echo + logprobs: the prompt's tokens lead the logprobs
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field, as asked
 
 
 def check_model(requested: str | None, facts: ModelFacts) -> None:
@@ -71,21 +76,69 @@ def completion_prompts(req: CompletionRequest, tokenizer, facts: ModelFacts) -> 
     return prompts
 
 
-def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
+def chat_prompt(req: ChatCompletionRequest, tokenizer, facts: ModelFacts | None = None
+                ) -> list[int]:
     for i, message in enumerate(req.messages):
         if message.role not in CHAT_ROLES:
             raise bad_request(f"messages[{i}].role: unknown role {message.role!r}; expected "
                               f"one of {', '.join(CHAT_ROLES)}", param=f"messages[{i}].role")
-    if getattr(tokenizer, "chat_template", None) is None:
+        if message.role == "tool" and not message.tool_call_id:
+            raise bad_request(f"messages[{i}].tool_call_id: a tool message answers a call; "
+                              f"name it", param=f"messages[{i}].tool_call_id")
+    template = None
+    if req.chat_template is not None:
+        if not (facts and facts.trust_request_chat_template):
+            raise bad_request("chat_template: this server does not take chat templates from "
+                              "requests (raysvc serve --trust-request-chat-template)",
+                              param="chat_template")
+        template = req.chat_template
+    if template is None and getattr(tokenizer, "chat_template", None) is None:
         raise bad_request("messages: this model has no chat template; use /v1/completions",
                           param="messages")
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    kwargs = dict(req.chat_template_kwargs or {})
+    for reserved in ("messages", "tools", "tokenize", "chat_template"):
+        if reserved in kwargs:
+            raise bad_request(f"chat_template_kwargs.{reserved}: set by the request itself",
+                              param=f"chat_template_kwargs.{reserved}")
+    tools = [t.function.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=req.add_generation_prompt)
+        text = tokenizer.apply_chat_template(
+            [_template_message(m) for m in req.messages], tools=_tool_dicts(tools),
+            chat_template=template, tokenize=False,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message, **kwargs)
     except Exception as e:  # a template that raises on this conversation
         raise bad_request(f"messages: the chat template failed: {e}", param="messages") from e
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _tool_dicts(functions: list[dict] | None) -> list[dict] | None:
+    """Tools as HF chat templates take them: {"type": "function", "function": {...}}."""
+    return None if functions is None else [{"type": "function", "function": f}
+                                           for f in functions]
+
+
+def _template_message(m) -> dict[str, Any]:
+    """A message as chat templates read it (vLLM's conventions): text content, the name if
+    any, an assistant's tool calls with their arguments as objects, a tool's call id."""
+    import json
+
+    out: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_calls:
+        calls = []
+        for call in m.tool_calls:
+            try:
+                arguments: Any = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = call.function.arguments
+            calls.append({"id": call.id, "type": "function",
+                          "function": {"name": call.function.name, "arguments": arguments}})
+        out["tool_calls"] = calls
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 def plan(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
@@ -102,6 +155,8 @@ def plan(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]
                           f"model's context is {facts.max_model_len} tokens", param=field,
                           code="context_length_exceeded")
     max_tokens = req.max_completion_tokens or req.max_tokens if chat else req.max_tokens
+    score_only = max_tokens == 0  # the engine generates one token, which is not reported
+    max_tokens = 1 if score_only else max_tokens
     room = facts.max_model_len - longest
     if max_tokens is None:
         max_tokens = room if chat else min(16, room)
@@ -110,16 +165,21 @@ def plan(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]
                           f"exceed this model's context of {facts.max_model_len} tokens",
                           param="max_completion_tokens" if chat and req.max_completion_tokens
                           else "max_tokens", code="context_length_exceeded")
+    echo_logprobs = False
     if chat:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
         logprobs = req.logprobs
+        echo_logprobs = req.echo and logprobs is not None
+    prompt_top = [x for x in (req.prompt_logprobs, logprobs if echo_logprobs else None)
+                  if x is not None]
     params: dict[str, Any] = dict(
         n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids or [], logprobs=logprobs)
+        ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids or [], logprobs=logprobs,
+        prompt_logprobs=max(prompt_top) if prompt_top else None)
     for name in ("top_k", "min_p", "repetition_penalty"):
         if getattr(req, name) is not None:
             params[name] = getattr(req, name)
@@ -130,7 +190,8 @@ def plan(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]
                for ids in prompts]
     texts = [tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens)
              for ids in prompts] if getattr(req, "echo", False) else [""] * len(prompts)
-    return Plan(prompts, texts, params, samples)
+    return Plan(prompts, texts, params, samples, score_only, echo_logprobs,
+                req.prompt_logprobs)
 
 
 def _check_engine_params(params: dict[str, Any]) -> None:

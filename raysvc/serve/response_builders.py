@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+from raysvc.serve import tool_parsers
 from raysvc.serve.detokenizer import SampleText
 from raysvc.serve.generation import Generation
+from raysvc.serve.planner import Plan
 from raysvc.serve.schema import (
     AssistantMessage,
     ChatChoice,
@@ -16,7 +18,12 @@ from raysvc.serve.schema import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    DeltaFunction,
     DeltaMessage,
+    DeltaToolCall,
+    PromptLogprob,
+    ResponseFunction,
+    ResponseToolCall,
     TopLogprob,
     Usage,
 )
@@ -68,6 +75,41 @@ class LogprobCursor:
         self.offsets[index] = offset
         return out
 
+    def prompt(self, prompt: list[int], entries: list | None) -> CompletionLogprobs:
+        """The prompt's tokens in OpenAI's completion logprobs (echo): the first token has
+        no logprob (nothing came before it), then each given the ones before it."""
+        out = CompletionLogprobs()
+        offset = 0
+        for pos, token in enumerate(prompt):
+            text = self._text(token)
+            entry = entries[pos] if entries is not None and pos < len(entries) else None
+            out.tokens.append(text)
+            out.text_offset.append(offset)
+            offset += len(text)
+            if entry is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(entry[token][0])
+            top = dict(self._top(entry)) if self.top_n else {}
+            top.setdefault(text, entry[token][0])
+            out.top_logprobs.append(top)
+        return out
+
+    def vllm_prompt_logprobs(self, entries: list | None, asked: int | None):
+        """vLLM's `prompt_logprobs`: per prompt token, {id: {logprob, rank, decoded_token}}
+        for the token and its `asked` best alternatives (None for the first token)."""
+        if asked is None or entries is None:
+            return None
+        out = []
+        for entry in entries:
+            if entry is None:
+                out.append(None)
+                continue
+            out.append({tid: PromptLogprob(logprob=lp, rank=rank, decoded_token=self._text(tid))
+                        for tid, (lp, rank) in entry.items()})
+        return out
+
     def chat(self, index: int, sample: SampleText) -> ChatLogprobs | None:
         if self.top_n is None:
             return None
@@ -81,32 +123,57 @@ class LogprobCursor:
         return ChatLogprobs(content=content)
 
 
-def completion_response(request_id: str, model: str, gen: Generation, prompt_texts: list[str],
+def completion_response(request_id: str, model: str, gen: Generation, plan: Plan,
                         cursor: LogprobCursor, created: int) -> CompletionResponse:
     choices = []
     n = len(gen.samples[0])
     for index, sample in enumerate(gen.choices):
-        prefix = prompt_texts[index // n]
+        i = index // n
+        prefix = plan.prompt_texts[i]
+        logprobs = prompt_part = None
+        if plan.echo_logprobs:
+            prompt_part = cursor.prompt(gen.prompts[i], gen.prompt_logprobs[i])
+        if plan.score_only:  # the prompt and its logprobs; the one token run is dropped
+            text, logprobs, reason, stop_reason = prefix, prompt_part, "length", None
+        else:
+            text, reason, stop_reason = prefix + sample.text, sample.finish_reason, \
+                sample.stop_reason
+            logprobs = cursor.completion(index, sample, len(prefix))
+            if prompt_part is not None and logprobs is not None:
+                logprobs = _joined(prompt_part, logprobs)
         choices.append(CompletionChoice(
-            index=index, text=prefix + sample.text, finish_reason=sample.finish_reason,
-            stop_reason=sample.stop_reason,
-            logprobs=cursor.completion(index, sample, len(prefix))))
+            index=index, text=text, finish_reason=reason, stop_reason=stop_reason,
+            logprobs=logprobs, prompt_logprobs=cursor.vllm_prompt_logprobs(
+                gen.prompt_logprobs[i], plan.prompt_logprobs)))
     return CompletionResponse(id=request_id, model=model, created=created, choices=choices,
                               usage=usage(gen))
 
 
+def _joined(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=a.tokens + b.tokens,
+                              token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs,
+                              text_offset=a.text_offset + b.text_offset)
+
+
 def completion_chunk(request_id: str, model: str, created: int, gen: Generation,
-                     moved: list[int], prompt_texts: list[str], cursor: LogprobCursor,
+                     moved: list[int], plan: Plan, cursor: LogprobCursor,
                      echoed: set[int]) -> CompletionResponse | None:
     choices = []
     n = len(gen.samples[0])
     for index in moved:
         sample = gen.choices[index]
         text = sample.take()
+        prompt_part = None
         if index not in echoed:
             echoed.add(index)
-            text = prompt_texts[index // n] + text
-        logprobs = cursor.completion(index, sample, len(prompt_texts[index // n]))
+            text = plan.prompt_texts[index // n] + text
+            if plan.echo_logprobs:
+                prompt_part = cursor.prompt(gen.prompts[index // n],
+                                            gen.prompt_logprobs[index // n])
+        logprobs = cursor.completion(index, sample, len(plan.prompt_texts[index // n]))
+        if prompt_part is not None and logprobs is not None:
+            logprobs = _joined(prompt_part, logprobs)
         if text or sample.finished or (logprobs and logprobs.tokens):
             choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
                                             finish_reason=sample.finish_reason,
@@ -117,11 +184,20 @@ def completion_chunk(request_id: str, model: str, created: int, gen: Generation,
 
 
 def chat_response(request_id: str, model: str, gen: Generation, cursor: LogprobCursor,
-                  created: int) -> ChatCompletionResponse:
-    choices = [ChatChoice(index=index, message=AssistantMessage(content=sample.text),
-                          logprobs=cursor.chat(index, sample), finish_reason=sample.finish_reason,
-                          stop_reason=sample.stop_reason)
-               for index, sample in enumerate(gen.choices)]
+                  created: int, tool_parser: str | None = None) -> ChatCompletionResponse:
+    choices = []
+    for index, sample in enumerate(gen.choices):
+        content, calls = sample.text, []
+        if tool_parser is not None:
+            content, calls = tool_parsers.parse(tool_parser, sample.text)
+        message = AssistantMessage(content=content, tool_calls=[
+            ResponseToolCall(id=c.id(request_id, index, k),
+                             function=ResponseFunction(name=c.name, arguments=c.arguments))
+            for k, c in enumerate(calls)])
+        choices.append(ChatChoice(index=index, message=message,
+                                  logprobs=cursor.chat(index, sample),
+                                  finish_reason="tool_calls" if calls else sample.finish_reason,
+                                  stop_reason=sample.stop_reason))
     return ChatCompletionResponse(id=request_id, model=model, created=created, choices=choices,
                                   usage=usage(gen))
 
@@ -134,16 +210,32 @@ def chat_role_chunk(request_id: str, model: str, created: int,
 
 
 def chat_chunk(request_id: str, model: str, created: int, gen: Generation, moved: list[int],
-               cursor: LogprobCursor) -> ChatCompletionChunk | None:
+               cursor: LogprobCursor, tool_streams: dict[int, tool_parsers.ToolStream] | None
+               = None) -> ChatCompletionChunk | None:
     choices = []
     for index in moved:
         sample = gen.choices[index]
         text = sample.take()
         logprobs = cursor.chat(index, sample)
-        if text or sample.finished or (logprobs and logprobs.content):
+        calls: list[DeltaToolCall] = []
+        finish = sample.finish_reason
+        if tool_streams is not None:  # content as it comes; a call once it is complete
+            stream = tool_streams[index]
+            before = len(stream.calls)
+            text, done = stream.feed(text)
+            if sample.finished:
+                rest, more = stream.finish()
+                text, done = text + rest, done + more
+            calls = [DeltaToolCall(index=before + k, id=c.id(request_id, index, before + k),
+                                   type="function",
+                                   function=DeltaFunction(name=c.name, arguments=c.arguments))
+                     for k, c in enumerate(done)]
+            if sample.finished and stream.calls:
+                finish = "tool_calls"
+        if text or calls or sample.finished or (logprobs and logprobs.content):
             choices.append(ChatChunkChoice(
-                index=index, delta=DeltaMessage(content=text or None), logprobs=logprobs,
-                finish_reason=sample.finish_reason))
+                index=index, delta=DeltaMessage(content=text or None, tool_calls=calls or None),
+                logprobs=logprobs, finish_reason=finish))
     if not choices:
         return None
     return ChatCompletionChunk(id=request_id, model=model, created=created, choices=choices)

@@ -1,47 +1,69 @@
 """OpenAI's request and response bodies as pydantic v2 models (the subset raysvc serves).
 
-Requests are validated in strict JSON mode (no "5" for 5) with unknown fields refused,
-so every bad request gets a 400 that names its field. OpenAI fields raysvc does not
-implement are accepted only at their "off" value (`tools: null`), so clients that send
-defaults keep working. vLLM's extra sampling fields (top_k, min_p, ignore_eos, ...) are
-accepted too, as `extra_body` in the openai client.
+Requests are validated as vLLM's are: types coerce where the meaning is plain (5.0 and "5"
+for an integer, as pydantic's lax mode reads them), unknown fields are refused with a
+400 naming them. Fields OpenAI's API defines that raysvc does not act on (`metadata`,
+`store`, `service_tier`, `reasoning_effort`, legacy `functions`, ...) are accepted and
+ignored, so SDKs that send them keep working; vLLM's extras are accepted too (sampling:
+top_k, min_p, ignore_eos, ...; chat: chat_template_kwargs, continue_final_message,
+add_generation_prompt, chat_template), as `extra_body` in the openai client. What raysvc
+cannot honor (structured outputs until the step plan lands, a forced tool choice) is
+refused, naming the field.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+logger = logging.getLogger(__name__)
+
 MAX_LOGPROBS = 20
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # vLLM's bounds (a torch generator's seed)
+
+# OpenAI request fields that change nothing raysvc does: accepted, logged, dropped.
+IGNORED_FIELDS = ("metadata", "store", "service_tier", "reasoning_effort", "functions",
+                  "function_call", "prediction", "modalities", "audio", "web_search_options",
+                  "verbosity", "prompt_cache_key", "safety_identifier", "user")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            dropped = [k for k in IGNORED_FIELDS if k in data]
+            if dropped:
+                logger.debug("ignoring request field(s) %s", ", ".join(dropped))
+                data = {k: v for k, v in data.items() if k not in dropped}
+        return data
 
 
-class StreamOptions(_Strict):
+class StreamOptions(_Request):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: bool = False  # usage in every chunk (vLLM)
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
     n: int = Field(1, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (with echo)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
     # vLLM's extras
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -51,11 +73,22 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="after")
     def _supported(self):
-        if self.logit_bias:
-            raise ValueError("logit_bias: not supported")
+        blocked = "needs grammar masks and logit biases in the engine's step plan (raysvc #15)"
+        for name in ("logit_bias", "allowed_token_ids", "bad_words", "structured_outputs",
+                     "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+            if getattr(self, name):
+                raise ValueError(f"{name}: not supported yet: {blocked}")
         if self.stop is not None:
             stops = [self.stop] if isinstance(self.stop, str) else self.stop
             if any(s == "" for s in stops):
@@ -81,27 +114,62 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("suffix: not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of: only best_of == n is supported")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo: echo with logprobs needs prompt logprobs, not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 only scores the prompt, which needs echo=true")
+        if self.max_tokens == 0 and self.stream:
+            raise ValueError("max_tokens: 0 (scoring) cannot stream")
         return self
 
 
-class TextPart(_Strict):
+class TextPart(_Request):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Strict):
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(_Request):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoice(_Request):
+    class _Name(_Request):
+        name: str
+
+    type: Literal["function"]
+    function: _Name
+
+
+class ChatMessage(_Request):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, replayed
+    tool_call_id: str | None = None  # a tool's answer to one
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)  # as vLLM joins text parts
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -109,23 +177,38 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    # OpenAI features raysvc does not implement: accepted only when off
-    tools: list[Any] | None = None
-    tool_choice: Any | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
-    add_generation_prompt: bool = True  # vLLM's extra
+    # vLLM's chat extras
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None  # only where the server trusts request templates
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _chat_supported(self):
-        if self.tools:
-            raise ValueError("tools: not supported")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice: not supported")
+        if self.max_tokens == 0:
+            raise ValueError("max_tokens: must be >= 1 for chat completions")
+        if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
+            raise ValueError("tool_choice: 'required' and a named function force a call, which "
+                             "needs grammar masks in the engine's step plan (raysvc #15); "
+                             "use 'auto'")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice: needs tools")
         if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format: only {\"type\": \"text\"} is supported")
+            raise ValueError("response_format: json_object and json_schema need grammar "
+                             "masks in the engine's step plan (raysvc #15); only "
+                             "{\"type\": \"text\"} is served yet")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs=true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message: cannot be used with "
+                             "add_generation_prompt=true")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message: the last message must be the "
+                             "assistant's")
         return self
 
 
@@ -145,12 +228,21 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM's: per prompt token (the first None), {token id: its logprob} — only when asked
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = Field(
+        None, exclude_if=lambda v: v is None)
 
 
 def _now() -> int:
@@ -180,9 +272,21 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprobToken] | None = None
 
 
+class ResponseFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ResponseToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -202,10 +306,23 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = Field(None, exclude_if=lambda v: v is None)
+    arguments: str | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = Field(None, exclude_if=lambda v: v is None)
+    type: Literal["function"] | None = Field(None, exclude_if=lambda v: v is None)
+    function: DeltaFunction
+
+
 class DeltaMessage(BaseModel):
     # left out when unset, as OpenAI does: the role comes in a choice's first chunk only
     role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
     content: str | None = Field(None, exclude_if=lambda v: v is None)
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(BaseModel):
@@ -247,3 +364,44 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+# -- vLLM's /tokenize and /detokenize ---------------------------------------------------
+
+
+class TokenizeRequest(_Request):
+    """`prompt` (text, tokenized as /v1/completions does) or `messages` (through the chat
+    template, as /v1/chat/completions does)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: true for prompt, false for messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt: give prompt or messages (one of them)")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -22,10 +22,33 @@ SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END]
 
 # ChatML-like, written with the tokenizer's own special tokens. Starts with bos (the chat
 # template, not the tokenizer, adds it: apply_chat_template encodes without special tokens).
+# With `tools`, a system block lists their signatures and asks for Hermes-style
+# <tool_call>{"name", "arguments"}</tool_call> answers (the format Qwen2.5/3 use, which
+# raysvc's hermes parser reads); an assistant's replayed calls and the tools' answers
+# render the same way. Without tools, the text is what it always was.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ 'You may call functions. Their signatures:\n<tools>\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}"
+    "{{ '</tools>\nTo call one, answer with <tool_call>{\"name\": NAME, \"arguments\": "
+    "{...}}</tool_call>.<|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' and message.tool_calls is defined "
+    "and message.tool_calls %}"
+    "{{ '<|im_start|>assistant\n' + message['content'] }}"
+    "{% for call in message.tool_calls %}"
+    "{{ '<tool_call>\n' }}{{ {'name': call['function']['name'], "
+    "'arguments': call['function']['arguments']} | tojson }}{{ '\n</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>tool\n<tool_response>\n' + message['content'] + "
+    "'\n</tool_response><|im_end|>\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
