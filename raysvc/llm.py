@@ -55,6 +55,8 @@ class LLM:
         added: list[str] = []
         try:
             for request_id, prompt, p in zip(ids, prompts, params, strict=True):
+                # only the finished outputs are wanted: no copy of the text so far each step
+                p = (p or SamplingParams()).model_copy(update={"output_kind": "final_only"})
                 self.engine.add_request(request_id, prompt, p)
                 added.append(request_id)
         except ValueError:

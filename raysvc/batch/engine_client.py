@@ -24,7 +24,7 @@ class EngineClient:
         from raysvc.engine.sampling_params import SamplingParams
 
         stream = await self.engine.add_request(request_id, prompt_token_ids,
-                                               SamplingParams(**params))
+                                               SamplingParams(**params, output_kind="delta"))
         sent: dict[int, tuple[int, bool]] = {}
         try:
             async for out in stream:

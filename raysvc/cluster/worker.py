@@ -44,6 +44,7 @@ from raysvc.cluster.messages import (
     WorkerLoad,
 )
 from raysvc.cluster.prefix_index import KVEventLog
+from raysvc.engine.outputs import merge_outputs
 
 
 @dataclass
@@ -165,7 +166,7 @@ class LLMWorker:
 
         ch = self._channels.setdefault(channel_id, _ChannelState())
         stream = await self.engine.add_request(request_id, prompt_token_ids,
-                                               SamplingParams(**params))
+                                               SamplingParams(**params, output_kind="delta"))
         self._tokens[request_id] = len(prompt_token_ids)
         self._shape[request_id] = (len(prompt_token_ids), int(params.get("n", 1)))
         ch.sent[request_id] = {}
@@ -193,8 +194,9 @@ class LLMWorker:
         from raysvc.engine.async_engine import EngineDeadError
 
         try:
-            async for out in stream:
-                ch.latest[request_id] = out
+            async for out in stream:  # delta outputs: pile them up until the channel sends
+                held = ch.latest.get(request_id)
+                ch.latest[request_id] = out if held is None else merge_outputs(held, out)
                 ch.moved.set()
         except EngineDeadError as e:
             self._failure = e
@@ -242,25 +244,25 @@ class LLMWorker:
 
 
 def chunk_since(out, sent: dict[int, tuple[int, bool]]) -> StreamChunk:
-    """The part of cumulative output `out` not yet in `sent` (index -> tokens, finished)."""
+    """A delta output (`output_kind="delta"`) as a stream chunk; `sent` keeps, per sample
+    index, (tokens sent so far, finish reported), and skips samples with nothing new."""
     chunk = StreamChunk(num_prompt_tokens=len(out.prompt_token_ids), finished=out.finished)
-    if out.prompt_logprobs is not None and -1 not in sent:  # once, with the first chunk
+    if out.prompt_logprobs is not None:  # a delta output carries them once
         chunk.prompt_logprobs = [None if e is None else
                                  {tid: (lp.logprob, lp.rank) for tid, lp in e.items()}
                                  for e in out.prompt_logprobs]
-        sent[-1] = (0, True)
     for comp in out.outputs:
-        start, reported_finish = sent.get(comp.index, (0, False))
+        count, reported_finish = sent.get(comp.index, (0, False))
         finished = comp.finish_reason is not None
-        if len(comp.token_ids) == start and finished == reported_finish:
+        if not comp.token_ids and finished == reported_finish:
             continue
         logprobs = None
         if comp.logprobs is not None:
             logprobs = [{tid: (lp.logprob, lp.rank) for tid, lp in step.items()}
-                        for step in comp.logprobs[start:]]
-        chunk.deltas.append(SeqDelta(comp.index, comp.token_ids[start:], logprobs,
+                        for step in comp.logprobs]
+        chunk.deltas.append(SeqDelta(comp.index, list(comp.token_ids), logprobs,
                                      comp.finish_reason, comp.stop_reason))
-        sent[comp.index] = (len(comp.token_ids), finished)
+        sent[comp.index] = (count + len(comp.token_ids), finished)
     return chunk
 
 

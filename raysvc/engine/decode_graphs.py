@@ -137,7 +137,7 @@ class DecodeGraphs:
         items = batch.scheduled
         b, q = len(items), items[0].num_tokens
         size = next(s for s in self.sizes if s >= b)
-        bs = self.block_size
+        bs, null = self.block_size, self.kv_cache.null_block
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -154,13 +154,13 @@ class DecodeGraphs:
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             lens.append(end)
-            tables.append(table + [0] * (width - len(table)))
+            tables.append(table + [null] * (width - len(table)))
         pad = (size - b) * q
         ids += [0] * pad
         pos += list(range(q)) * (size - b)
         slots += [-1] * pad
         lens += [q] * (size - b)  # a padding row attends to its own q (unwritten) slots
-        tables += [[0] * width] * (size - b)
+        tables += [[null] * width] * (size - b)
         dev = self.input_ids.device
         # three host->device copies: per-token values, per-sequence lengths, block tables
         n = size * q

@@ -45,10 +45,14 @@ def find_stop_string(seq: Sequence, new_len: int) -> str | None:
     return None
 
 
-def visible_text(seq: Sequence) -> str:
-    """Text safe to show while streaming: hold back what may be the start of a stop string."""
+def visible_end(seq: Sequence) -> int:
+    """How much of `seq.text` is safe to show while streaming: what may be the start of a
+    stop string is held back."""
     stops = seq.request.params.stop
     if seq.is_finished or not stops or seq.request.params.include_stop_str_in_output:
-        return seq.text
-    hold = max(len(s) for s in stops) - 1
-    return seq.text[: len(seq.text) - hold] if hold else seq.text
+        return len(seq.text)
+    return max(len(seq.text) - (max(len(s) for s in stops) - 1), 0)
+
+
+def visible_text(seq: Sequence) -> str:
+    return seq.text[:visible_end(seq)]

@@ -15,14 +15,19 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 class KVCache:
-    """K/V of all layers: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    """K/V of all layers: [num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim].
+
+    Blocks 0 .. num_blocks - 1 are the block manager's; one more, `null_block`, is never
+    handed out: the entries of a block table past a sequence's length, and the rows of a
+    padded batch, point there instead of at a live block (as vLLM's null block)."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.num_blocks = num_blocks
+        self.null_block = num_blocks
         self.block_size = block_size
         # Zeroed, not empty: masked-out padding still multiplies whatever a slot holds.
-        self.data = torch.zeros(config.num_layers, 2, num_blocks, block_size,
+        self.data = torch.zeros(config.num_layers, 2, num_blocks + 1, block_size,
                                 config.num_kv_heads, config.head_dim, dtype=dtype, device=device)
         self.layers = [(self.data[i, 0], self.data[i, 1]) for i in range(config.num_layers)]
 

@@ -17,7 +17,7 @@ import torch
 
 from raysvc.engine.block_manager import BlockManager, KVEventBatch
 from raysvc.engine.config import EngineConfig
-from raysvc.engine.detokenizer import detokenize_step, find_stop_string, visible_text
+from raysvc.engine.detokenizer import detokenize_step, find_stop_string, visible_end
 from raysvc.engine.kv_cache import KVCache, plan_num_blocks
 from raysvc.engine.model_runner import ModelRunner, warm_up
 from raysvc.engine.outputs import CompletionOutput, RequestOutput
@@ -271,7 +271,9 @@ class LLMEngine:
 
         outputs = []
         for request in touched.values():
-            outputs.append(self._output(request))
+            out = self._output(request)
+            if out is not None:
+                outputs.append(out)
             if request.finished:
                 del self.requests[request.request_id]
         return outputs
@@ -334,23 +336,38 @@ class LLMEngine:
             if self.spec is not None:
                 self.spec.release(seq)
 
-    def _output(self, request: Request) -> RequestOutput:
-        outs = [
-            CompletionOutput(
-                index=s.index,
-                text=visible_text(s),
-                token_ids=s.output_token_ids,
-                finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-                logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-            )
-            for s in sorted(request.seqs, key=lambda s: s.index)
-        ]
+    def _output(self, request: Request) -> RequestOutput | None:
+        """The request's output after this step, in its `output_kind`: everything so far
+        (cumulative), only what is new (delta: each token and character is handed out
+        once, so a stream costs O(its length)), or nothing until it finished."""
+        kind = request.params.output_kind
+        if kind == "final_only" and not request.finished:
+            return None
+        delta = kind == "delta"
+        outs = []
+        for s in sorted(request.seqs, key=lambda s: s.index):
+            end = visible_end(s)
+            first = s.num_prompt_tokens + (s.num_emitted if delta else 0)
+            logprobs = None
+            if s.logprobs is not None:
+                logprobs = s.logprobs[s.num_emitted:] if delta else list(s.logprobs)
+            outs.append(CompletionOutput(
+                index=s.index, text=s.text[s.emitted_chars if delta else 0:end],
+                token_ids=s.token_ids[first:], finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason, logprobs=logprobs,
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None))
+            if delta:
+                s.num_emitted, s.emitted_chars = s.num_output_tokens, end
+        prompt_logprobs = request.prompt_logprobs
+        if prompt_logprobs is not None:
+            complete = len(prompt_logprobs) == len(request.prompt_token_ids)
+            if delta and (request.prompt_logprobs_sent or not complete):
+                prompt_logprobs = None  # a delta output carries them once, complete
+            else:
+                prompt_logprobs = list(prompt_logprobs)
+                request.prompt_logprobs_sent = delta
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
-                             finished=request.finished,
-                             prompt_logprobs=None if request.prompt_logprobs is None
-                             else list(request.prompt_logprobs))
+                             finished=request.finished, prompt_logprobs=prompt_logprobs)
 
     def stats(self) -> dict[str, int]:
         bm = self.block_manager

@@ -68,7 +68,8 @@ class ModelRunner:
             tables.append(seq.block_table)
         max_blocks = max(len(t) for t in tables)
         dev = self.device
-        block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables],
+        null = self.kv_cache.null_block
+        block_tables = torch.tensor([t + [null] * (max_blocks - len(t)) for t in tables],
                                     dtype=torch.int32, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         query_start_loc = torch.tensor(query_start, dtype=torch.int32, device=dev)

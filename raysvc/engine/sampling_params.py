@@ -6,6 +6,8 @@ A pydantic model, so every bad value is rejected with an error that names the fi
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_LOGPROBS = 20
@@ -35,6 +37,10 @@ class SamplingParams(BaseModel):
     skip_special_tokens: bool = True
     # Tenant isolation for the prefix cache: requests with different salts share no block.
     cache_salt: str | None = None
+    # vLLM's RequestOutputKind: each output holds everything so far ("cumulative"), only
+    # what is new since the previous one ("delta": a stream costs O(length), not O(length^2)),
+    # or only the finished request ("final_only").
+    output_kind: Literal["cumulative", "delta", "final_only"] = "cumulative"
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -44,6 +44,7 @@ class Request:
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.fork_pending = params.n > 1  # becomes n sequences once the prompt is computed
+        self.prompt_logprobs_sent = False  # a delta output hands them out once
 
     @property
     def finished(self) -> bool:
@@ -80,6 +81,8 @@ class Sequence:
         self.cumulative_logprob = 0.0
         # incremental detokenization state (see detokenizer.py)
         self.text = ""
+        self.num_emitted = 0  # output tokens handed out already (delta outputs)
+        self.emitted_chars = 0  # characters of `text` handed out already
         self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
         self.read_offset = self.num_prompt_tokens
 
