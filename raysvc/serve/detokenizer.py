@@ -1,15 +1,17 @@
 """One sample's text, built in the ingress: incremental UTF-8-safe decoding and stop strings.
 
-The same algorithm as the engine's (`raysvc/engine/detokenizer.py`), so text served over
-HTTP equals `LLM.generate`'s: each token decodes a short window from `prefix_offset` and
-emits only what extends the text decoded up to `read_offset`; a window that ends in a
-partial character (U+FFFD) waits for the next token. Stop strings are checked after every
-token (only the tail that could hold one), so the token count at a stop is exact, and
-while streaming the last `max(len(stop)) - 1` characters are held back in case they
-begin a stop string.
+The engine's own decoder and stop-string search (`raysvc/engine/detokenizer.py`), so text
+served over HTTP equals `LLM.generate`'s: each token decodes a short window from
+`prefix_offset` and emits only what extends the text decoded up to `read_offset`; a
+window that ends in a partial character (U+FFFD) waits for the next token. Stop strings
+are checked after every token (only the tail that could hold one), so the token count at
+a stop is exact, and while streaming the last `max(len(stop)) - 1` characters are held
+back in case they begin a stop string.
 """
 
 from __future__ import annotations
+
+from raysvc.engine.detokenizer import decode_increment, find_stop
 
 
 class SampleText:
@@ -76,23 +78,15 @@ class SampleText:
         return piece
 
     def _decode_step(self) -> str:
-        ids, skip = self.token_ids, self.skip_special_tokens
-        prefix = self.tokenizer.decode(ids[self.prefix_offset:self.read_offset],
-                                       skip_special_tokens=skip)
-        full = self.tokenizer.decode(ids[self.prefix_offset:], skip_special_tokens=skip)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
-        delta = full[len(prefix):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        delta, self.prefix_offset, self.read_offset = decode_increment(
+            self.tokenizer, self.token_ids, self.prefix_offset, self.read_offset,
+            self.skip_special_tokens)
         self.text += delta
         return delta
 
     def _find_stop(self, new_len: int) -> None:
-        for stop in self.stop:
-            start = max(len(self.text) - new_len - len(stop) + 1, 0)
-            at = self.text.find(stop, start)
-            if at != -1:
-                self.text = self.text[:at + len(stop) if self.include_stop else at]
-                self.sent = min(self.sent, len(self.text))
-                self.finish("stop", stop)
-                return
+        found = find_stop(self.text, new_len, self.stop, self.include_stop)
+        if found is not None:
+            self.text, stop = found
+            self.sent = min(self.sent, len(self.text))
+            self.finish("stop", stop)
