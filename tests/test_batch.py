@@ -87,7 +87,7 @@ def test_bad_envelopes_exit_2_naming_every_line_before_any_work(tmp_path):
 
 def test_rows_match_the_engine_and_bad_bodies_get_their_own_4xx_line(tmp_path, llm):
     from raysvc import SamplingParams
-    from raysvc.engine.llm_engine import load_tokenizer
+    from raysvc.engine.loading import load_tokenizer
 
     good = [_completion(i) for i in range(6)] + [_chat(i) for i in range(3)]
     bad = [_line("b-temp", prompt="x", temperature=9), _line("b-url", url="/v1/embeddings"),

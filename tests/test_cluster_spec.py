@@ -23,7 +23,7 @@ PROMPTS = ["The list type", "A dictionary is a", "def f(x):\n    return", "The w
 
 
 def _prompt_ids() -> list[list[int]]:
-    from raysvc.engine.llm_engine import load_tokenizer
+    from raysvc.engine.loading import load_tokenizer
     from raysvc.models.builtin import path
 
     tok = load_tokenizer(path("tiny"))

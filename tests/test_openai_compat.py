@@ -55,7 +55,7 @@ def _post(server, path: str, body: dict, method: str = "POST", headers: dict | N
 
 
 def _tokenizer():
-    from raysvc.engine.llm_engine import load_tokenizer
+    from raysvc.engine.loading import load_tokenizer
     from raysvc.models.builtin import path
 
     return load_tokenizer(path("tiny"))

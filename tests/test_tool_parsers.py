@@ -79,7 +79,7 @@ def test_parser_for_models():
     assert parser_for("...<|python_tag|>...") == "llama3_json"
     assert parser_for(None, "mistral") == "mistral"
     assert parser_for("", "llama") == "llama3_json"
-    from raysvc.engine.llm_engine import load_tokenizer
+    from raysvc.engine.loading import load_tokenizer
     from raysvc.models.builtin import path
 
     assert parser_for(load_tokenizer(path("tiny")).chat_template) == "hermes"

@@ -42,7 +42,7 @@ class EngineStage:
 
         from raysvc.batch.engine_client import EngineClient
         from raysvc.engine.async_engine import AsyncEngine
-        from raysvc.engine.llm_engine import load_tokenizer
+        from raysvc.engine.loading import load_tokenizer
         from raysvc.serve.handler import OpenAIHandler
         from raysvc.serve.planner import ModelFacts
 

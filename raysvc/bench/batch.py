@@ -82,7 +82,7 @@ def run_hf(w, batch_size: int) -> tuple[float, dict]:
     from transformers import AutoModelForCausalLM
 
     from raysvc.bench.engine import run_hf_static
-    from raysvc.engine.llm_engine import load_tokenizer
+    from raysvc.engine.loading import load_tokenizer
     from raysvc.models.builtin import path
 
     model = AutoModelForCausalLM.from_pretrained(path("tiny")).float().eval()

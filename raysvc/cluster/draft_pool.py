@@ -51,7 +51,7 @@ class DraftActor:
     def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto",
                  block_size: int = 16, max_model_len: int = 4096, capacity_tokens: int = 65536,
                  num_threads: int | None = None) -> None:
-        from raysvc.engine.llm_engine import draft_dtype, resolve_device, resolve_model_path
+        from raysvc.engine.loading import draft_dtype, resolve_device, resolve_model_path
         from raysvc.engine.spec.draft_model import DraftModelProposer
         from raysvc.models.attention import make_backend
         from raysvc.models.config import ModelConfig, parse_dtype

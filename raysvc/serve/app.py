@@ -127,7 +127,7 @@ class OpenAIIngress:
     """One ingress replica: tokenizer, request checks and response shaping."""
 
     async def __init__(self, cluster: Any, args: dict[str, Any]) -> None:
-        from raysvc.engine.llm_engine import load_tokenizer
+        from raysvc.engine.loading import load_tokenizer
         from raysvc.serve.handler import OpenAIHandler
         from raysvc.serve.planner import ModelFacts
 
