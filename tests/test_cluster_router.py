@@ -278,9 +278,9 @@ def test_a_worker_reported_failed_takes_nothing_until_its_health_is_known():
             await gate.wait()
             return WorkerLoad()
 
-        slow.health = _Method(slow_health)
         await router.add_worker("slow", slow)
         await router.add_worker("other", FakeWorker("other", seqs=4))
+        slow.health = _Method(slow_health)  # from now on its health takes a while
         check = asyncio.create_task(router.worker_failed("slow"))
         await asyncio.sleep(0.01)
         for i in range(4):  # all go to the other worker while "slow" is in doubt

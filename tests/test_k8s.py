@@ -107,12 +107,12 @@ def test_a_serve_config_that_serveargs_refuses_is_refused(docs, args, field):
     config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     config["applications"][0]["args"].update(args)
     doc["spec"]["serveConfigV2"] = yaml.safe_dump(config)
-    with pytest.raises(ValueError, match=field):
-        from raysvc.engine.config import EngineConfig
+    from raysvc.serve.app import build_app
 
+    with pytest.raises(ValueError, match=field):
         operator_problems(doc)
-        a = config["applications"][0]["args"]
-        EngineConfig.from_kwargs(**a.get("engine", {}))
+    with pytest.raises(ValueError, match=field):  # and what Serve would run refuses them
+        build_app(config["applications"][0]["args"])
 
 
 def _service(docs) -> dict:

@@ -272,3 +272,37 @@ def test_workers_on_a_draining_node_are_drained():
         pool.stop()
 
     run(main())
+
+
+def test_a_worker_whose_engine_failed_is_replaced_not_taken_back():
+    """An actor that lives on with a dead engine: the router drops it, the pool must not
+    re-add it (its health check fails) but stop it and start another."""
+    async def main():
+        fleet = Fleet()
+        router, pool = make(fleet, lo=1, hi=1)
+        await pool.start(1, 5)
+        sick = fleet.started["worker-0"]
+
+        async def failed():
+            raise RuntimeError("worker worker-0: engine failed")
+
+        sick.health = _Method(failed)
+        sick.load = _Method(lambda: _unhealthy(sick))
+        await router.refresh()  # the load report says unhealthy: dropped
+        assert "worker-0" not in router.workers()
+        await pool.tick()  # it left the router: the pool tries to take it back, and fails
+        await asyncio.sleep(0.05)
+        assert sick.killed and "worker-0" not in pool.members
+        assert "failed to start" in pool.last_start_error
+        pool._retry_at = 0  # noqa: SLF001 - skip the back-off
+        await pool.tick()
+        await asyncio.sleep(0.05)
+        assert states(pool) == {"worker-1": "ready"}
+        assert list(router.workers()) == ["worker-1"]
+        pool.stop()
+
+    run(main())
+
+
+async def _unhealthy(worker):
+    return WorkerLoad(kv_blocks_total=worker.value.kv_blocks_total, healthy=False)

@@ -66,7 +66,7 @@ def _read_range(path: str, start: int, end: int, skip_ref, rows: int) -> Iterato
                 i = np.searchsorted(skip, h)
                 if i < len(skip) and skip[i] == h:
                     continue
-            lines.append(raw.decode("utf-8").rstrip("\n"))
+            lines.append(raw.decode("utf-8").lstrip("\ufeff").rstrip("\n"))
             if len(lines) >= rows:
                 yield pa.table({"line": lines})
                 lines = []

@@ -65,6 +65,19 @@ class EngineStage:
         self.created = created
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = await self._run(batch)
+        if self.engine.failure is not None:
+            # Its rows may carry the failure as a 500: written, they would count as done.
+            # End this actor instead; Ray Data restarts it and runs the batch again.
+            import logging
+            import os
+
+            logging.getLogger(__name__).error("engine failed (%r); restarting the actor",
+                                              self.engine.failure)
+            os._exit(1)
+        return out
+
+    async def _run(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         rows = len(next(iter(batch.values())))
         if self.mode == "openai":
             results = await asyncio.gather(*(self._openai(batch["line"][i])
@@ -114,7 +127,7 @@ class EngineStage:
                "response": {"status_code": status, "request_id": body.get("id", ""),
                             "body": body},
                "error": None}
-        return (custom_id, json.dumps(out, ensure_ascii=False), status,
+        return (custom_id, json.dumps(out), status,
                 int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
 
     async def _prompt(self, row: dict[str, Any]) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def _take(queue: asyncio.Queue, item: StreamChunk | BaseException) -> StreamChun
     HTTP path's cost per token shrinks exactly when it matters. An error wins.
     """
     while (not queue.empty() and not isinstance(item, BaseException) and not item.error
-           and not item.handed_over):
+           and not item.handed_over and not item.finished):
         nxt = queue.get_nowait()
         if isinstance(nxt, BaseException) or nxt.error or nxt.handed_over:
             return nxt
@@ -195,8 +195,13 @@ class ClusterClient:
                     return
                 channel = self._channel(ticket)
                 queue = channel.queues[ticket_id] = asyncio.Queue()
-                await ticket.worker.submit.remote(channel.id, ticket_id, prompt,
-                                                  _continued(params, len(generated)))
+                try:
+                    await ticket.worker.submit.remote(channel.id, ticket_id, prompt,
+                                                      _continued(params, len(generated)))
+                except Exception as e:
+                    if type(getattr(e, "cause", None)).__name__ == "EngineDeadError":
+                        raise _EngineFailed(f"worker {ticket.worker_id}: engine failed") from e
+                    raise
                 while not finished:
                     item = _take(queue, await queue.get())
                     if isinstance(item, BaseException):
@@ -249,7 +254,7 @@ class ClusterClient:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def one(index: int) -> None:
-            sub = {**params, "n": 1}
+            sub = {**params, "n": 1, "prompt_logprobs": None}
             if sub.get("seed") is not None:
                 sub["seed"] = int(sub["seed"]) + index
             sub = _continued(sub, len(outputs[index]))

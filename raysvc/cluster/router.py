@@ -109,11 +109,13 @@ class Router:
         self.recovery_wait_s = recovery_wait_s
         self.orphan_timeout_s = orphan_timeout_s  # no keepalive for this long: shut down
         self._admitted_at: dict[str, float] = {}  # ticket -> when it was admitted
+        self._joining: dict[str, asyncio.Lock] = {}  # worker id -> its joins, one at a time
         self._started = asyncio.Event()  # the pool is up (set at once without a pool)
         if worker_spec is None:
             self._started.set()
         self._keepalive = time.monotonic()
         self._closing = False
+        self._owner_token: str | None = None
         self.restarted = names is not None and was_restarted()
         if self.restarted and worker_spec is not None:  # rebuild from the workers, now
             import ray
@@ -165,12 +167,37 @@ class Router:
         """The application's owner (the cluster replica) is alive."""
         self._keepalive = time.monotonic()
 
-    async def shutdown(self) -> None:
-        """Stop the pool and kill every worker it holds (the application is going away)."""
+    def claim(self, token: str) -> None:
+        """The cluster replica that now owns this router (a restarted or newer one)."""
+        self._owner_token = token
+
+    async def shutdown(self, token: str | None = None, drain_s: float = 0.0) -> bool:
+        """The application is going away: refuse new requests, let those in flight finish
+        for up to `drain_s`, stop the pool and every worker. A replica whose router was
+        re-adopted by a newer one (`token` no longer the owner's) stops nothing. True if
+        stopped."""
+        if token is not None and token != self._owner_token:
+            return False
+        self._closing = True
+        deadline = time.monotonic() + drain_s
+        while (self._owner or self._queue) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
         if self.pool is not None:
             self.pool.stop(kill=True)
         for worker_id in list(self._workers):
             self.remove_worker(worker_id)
+        return True
+
+    async def retire(self) -> None:
+        """Stop everything and end this (detached, restartable) actor for good."""
+        await self.shutdown()
+        while self._queue:
+            waiting = self._queue.popleft()
+            if not waiting.future.done():
+                waiting.future.set_exception(NoWorkers("the application was stopped"))
+        import ray
+
+        ray.actor.exit_actor()
 
     def attach_pool(self, pool: WorkerPool) -> None:
         self.pool = pool
@@ -203,12 +230,22 @@ class Router:
     # -- membership --------------------------------------------------------------------
 
     async def add_worker(self, worker_id: str, handle: Any) -> WorkerInfo:
+        """Take a worker in (or back): once its engine is up and healthy — a worker whose
+        engine failed raises here, and its caller (the pool) replaces it. Joins of one
+        worker id run one at a time (a restarted worker and the pool may both ask)."""
+        lock = self._joining.setdefault(worker_id, asyncio.Lock())
+        async with lock:
+            return await self._join(worker_id, handle)
+
+    async def _join(self, worker_id: str, handle: Any) -> WorkerInfo:
         info: WorkerInfo = await handle.info.remote()
         max_seqs = min(info.max_num_seqs, self.max_seqs_per_worker or info.max_num_seqs)
         known = self._workers.get(worker_id)
         if known is not None and known.info.pid == info.pid:  # joined already (twice asked)
             return info
+        await handle.health.remote()  # raises if its engine failed: never take it in
         running = await handle.requests.remote()  # none, unless this router restarted
+        known = self._workers.get(worker_id)
         if known is not None:  # a restarted actor re-joins: its cache starts empty
             self.remove_worker(worker_id)
         index = PrefixIndex(self.placement.max_pending_blocks, self.placement.pending_ttl_s)
@@ -298,12 +335,15 @@ class Router:
         if owner is not None:  # asked again (the answer to the first ask was lost)
             entry = self._workers[owner]
             return Ticket(ticket_id, owner, entry.handle)
+        queued = next((w for w in self._queue if w.ticket_id == ticket_id), None)
+        if queued is not None:  # asked again while the first ask still waits
+            return await asyncio.shield(queued.future)
         if self._closing and not retry:
             raise ShuttingDown("the service is shutting down; retry on another replica")
         if not self._started.is_set():  # rebuilding after a restart: wait for the workers
             try:
                 await asyncio.wait_for(self._started.wait(), self.recovery_wait_s)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
         if self._hopeless():
             raise self._no_workers()
@@ -378,7 +418,8 @@ class Router:
         then remove it (scale-down, upgrade). Requests still there after `timeout_s` are
         handed over: the worker ends their streams with a hand-over mark and their clients
         continue them on other workers (seamless failover). A worker of the pool is also
-        stopped (and replaced, if the pool's target still counts it). False if unknown."""
+        stopped; the pool starts another if demand or min_workers call for it. False if
+        unknown."""
         if self.pool is not None and self.pool.state_of(worker_id) == "ready":
             return await self.pool.drain(worker_id, timeout_s)
         return await self.remove_after_drain(worker_id, timeout_s)
@@ -443,7 +484,7 @@ class Router:
                 logger.warning("router: no keepalive from the application for %.0fs; its "
                                "owner is gone: shutting the workers down",
                                self.orphan_timeout_s)
-                await self.shutdown()
+                await self.retire()
                 return
             await asyncio.sleep(self.health_interval_s)
 
@@ -457,7 +498,14 @@ class Router:
         for ticket_id in lost:
             logger.warning("router: %s does not hold %s; releasing it", worker.worker_id,
                            ticket_id)
-            self.release(ticket_id)
+            blocks, seqs = worker.admitted.pop(ticket_id)
+            worker.used_blocks -= blocks
+            worker.used_seqs -= seqs
+            if self._owner.get(ticket_id) == worker.worker_id:
+                del self._owner[ticket_id]
+                self._admitted_at.pop(ticket_id, None)
+        if lost:
+            self._dispatch()
 
     async def refresh(self) -> None:
         """Pull every worker's load report; drop workers that died or stopped answering."""

@@ -127,7 +127,7 @@ class LLMWorker:
             if not self._kv_log.has_news(epoch, acked_step):
                 try:
                     await asyncio.wait_for(self._kv_news.wait(), wait_s)
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     pass
         return self._kv_log.since(epoch, acked_step)
 
@@ -146,7 +146,7 @@ class LLMWorker:
                 timeout = None if due is None else max(due - time.monotonic(), 0.0)
                 try:
                     await asyncio.wait_for(ch.moved.wait(), timeout)
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     pass
                 ch.moved.clear()
                 batch, due = self._drain(ch)
@@ -165,10 +165,16 @@ class LLMWorker:
         from raysvc.engine.sampling_params import SamplingParams
 
         ch = self._channels.setdefault(channel_id, _ChannelState())
-        stream = await self.engine.add_request(request_id, prompt_token_ids,
-                                               SamplingParams(**params, output_kind="delta"))
+        # known (load reports, the ledger) from now on, not once the engine took it
         self._tokens[request_id] = len(prompt_token_ids)
         self._shape[request_id] = (len(prompt_token_ids), int(params.get("n", 1)))
+        try:
+            stream = await self.engine.add_request(
+                request_id, prompt_token_ids, SamplingParams(**params, output_kind="delta"))
+        except BaseException:
+            self._tokens.pop(request_id, None)
+            self._shape.pop(request_id, None)
+            raise
         ch.sent[request_id] = {}
         ch.pumps[request_id] = asyncio.create_task(self._pump(ch, request_id, stream))
 
@@ -182,8 +188,9 @@ class LLMWorker:
         count = 0
         for ch in self._channels.values():
             for request_id, task in list(ch.pumps.items()):
-                if request_id in ch.failed:
-                    continue
+                held = ch.latest.get(request_id)
+                if request_id in ch.failed or task.done() or (held and held.finished):
+                    continue  # finished already: its last chunk goes out as usual
                 ch.failed[request_id] = HandedOver(f"worker {self.worker_id} is draining")
                 task.cancel()  # leaving the engine's stream aborts the request there
                 count += 1

@@ -9,18 +9,22 @@ ask it once for the router's handle and the model's facts, then talk to the rout
 the workers directly: Serve's request path carries HTTP only.
 
 No process is a single point of failure. The router, workers and draft actors are named
-after the application (`raysvc.<app>:router`, `:worker-N`, `:draft-N`) and detached, so
-none dies with the process that created it: Ray restarts a dead router, which rebuilds
-itself from its workers; Serve restarts a dead cluster replica, which re-adopts the live
-router and draft actors by name instead of starting a second set. They still live and die
-with the application: deleting it (or `serve shutdown`) runs the replica's `__del__`,
-which stops them all, and a router that hears nothing from its replica for
-`orphan_timeout_s` (the replica gone for good, never restarted) stops its workers itself.
+after the application and its arguments (`raysvc.<app>.<args digest>:router`,
+`:worker-N`, `:draft-N`) and detached, so none dies with the process that created it: Ray
+restarts a dead router, which rebuilds itself from its workers; Serve restarts a dead
+cluster replica, which re-adopts the live router and draft actors by name instead of
+starting a second set, and claims them (a replica stopping later stops only what it
+still owns). New arguments (a config update) make new names: the new replica starts its
+own set while the old one drains and stops. They live and die with the application:
+deleting it runs the replica's `__del__`, which drains and stops them, and a router that
+hears nothing from its replica for `orphan_timeout_s` (the replica gone for good) stops
+its workers and itself.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,9 @@ class RaysvcCluster:
         from raysvc.cluster.launch import AppNames, start_router
 
         a = ServeArgs(**args)
-        self.names = AppNames(f"raysvc.{_app_name()}")
+        self.names = AppNames(f"raysvc.{_app_name()}.{_digest(a)}")
+        self.token = uuid.uuid4().hex
+        self.drain_s = a.ingress_graceful_shutdown_timeout_s
         self.draft_actors = a.start_draft_pool(self.names)
         self.router = start_router(max_queue_len=a.max_queue_len,
                                    max_seqs_per_worker=a.max_seqs_per_worker,
@@ -55,12 +61,15 @@ class RaysvcCluster:
                                    min_workers=a.min_workers, max_workers=a.max_workers,
                                    autoscaling=a.worker_autoscaling, names=self.names,
                                    orphan_timeout_s=ORPHAN_TIMEOUT_S)
+        _call_router(lambda: self.router.claim.remote(self.token), 120)
         start_timeout = a.autoscaling().worker_start_timeout_s
         ready = _call_router(lambda: self.router.start_workers.remote(a.num_workers,
                                                                      start_timeout),
                              start_timeout + 60)
         logger.warning("raysvc cluster %s: %d worker(s) ready", self.names.prefix, ready)
         infos = _call_router(lambda: self.router.workers.remote(), 60)
+        if not infos:
+            raise RuntimeError(f"raysvc cluster {self.names.prefix}: no worker is ready")
         self.facts = {
             "model_path": next(iter(infos.values())).model,
             "max_model_len": min(i.max_model_len for i in infos.values()),
@@ -74,8 +83,12 @@ class RaysvcCluster:
         """Serve's periodic health check doubles as the router's keepalive. It never fails
         on the router's account: a restarting router comes back by itself, and failing here
         would make Serve replace this replica for nothing."""
+        from ray.exceptions import ActorDiedError
+
         try:
             await self.router.keepalive.remote()
+        except ActorDiedError:  # gone for good (not restarting): a new replica starts anew
+            raise
         except Exception as e:
             logger.warning("raysvc cluster: router keepalive failed: %r", e)
 
@@ -88,14 +101,33 @@ class RaysvcCluster:
         if router is None:
             return
         try:
-            ray.get(router.shutdown.remote(), timeout=30)
+            stopped = ray.get(router.shutdown.remote(self.token, self.drain_s),
+                              timeout=self.drain_s + 30)
         except Exception as e:  # already gone: its workers die with the application anyway
             logger.warning("raysvc cluster: router shutdown failed: %r", e)
+            stopped = True
+        if not stopped:  # a newer replica re-adopted them: they are its now
+            return
         for handle in [router, *getattr(self, "draft_actors", [])]:
             try:
                 ray.kill(handle)
             except Exception:
                 pass
+
+
+def _digest(a: ServeArgs) -> str:
+    """Eight hex digits of the arguments that shape the router, workers and draft actors."""
+    import hashlib
+    import json
+
+    shaping = a.model_dump(exclude={"api_key", "max_body_bytes", "max_n", "ingress_replicas",
+                                    "ingress_num_cpus", "max_ongoing_requests",
+                                    "max_queued_requests", "ingress_autoscaling",
+                                    "ingress_graceful_shutdown_timeout_s", "tool_call_parser",
+                                    "trust_request_chat_template", "allowed_origins",
+                                    "served_model_name"})
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()
+                          ).hexdigest()[:8]
 
 
 def _app_name() -> str:
@@ -183,6 +215,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         RaysvcCluster, name="RaysvcCluster", num_replicas=1,
         ray_actor_options={"num_cpus": 0, **control}, max_ongoing_requests=1024,
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        # its __del__ drains the router's requests before it stops the workers
+        graceful_shutdown_timeout_s=a.ingress_graceful_shutdown_timeout_s + 30,
     ).bind(plain)
     replicas: dict[str, Any] = ({"autoscaling_config": a.ingress_autoscaling}
                                 if a.ingress_autoscaling else {"num_replicas": a.ingress_replicas})

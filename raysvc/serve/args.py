@@ -68,6 +68,16 @@ class ServeArgs(BaseModel):
     draft_num_gpus: float = Field(0.0, ge=0)  # e.g. 0.25: four draft actors share a GPU
     draft_torch_threads: int | None = Field(None, ge=1)
 
+    @field_validator("engine")
+    @classmethod
+    def _engine_is_valid(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """EngineConfig's own checks (values only: nothing is loaded), so a Serve config or
+        a RayService refuses a bad engine argument where it is written."""
+        from raysvc.engine.config import EngineConfig
+
+        EngineConfig.from_kwargs(**{k: x for k, x in v.items() if k != "model"})
+        return v
+
     @field_validator("tool_call_parser")
     @classmethod
     def _known_parser(cls, v: str) -> str:

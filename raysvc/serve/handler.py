@@ -101,7 +101,9 @@ class OpenAIHandler:
         else:
             prompts = planner.completion_prompts(req, self.tokenizer, self.facts)
             top_n = req.logprobs
-        plan = planner.plan(req, prompts, self.tokenizer, self.facts)
+        parse_tools = chat and bool(req.tools) and req.tool_choice in (None, "auto")
+        plan = planner.plan(req, prompts, self.tokenizer, self.facts,
+                            keep_special_tokens=parse_tools)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{id_suffix or self._new_suffix()}"
         gen = Generation(self.client, request_id, plan.prompts, plan.engine_params,
                          plan.samples)
@@ -110,7 +112,7 @@ class OpenAIHandler:
         s = Started(request_id, chat, req.stream, bool(options and options.include_usage), gen,
                     plan, build.LogprobCursor(self.tokenizer, top_n),
                     continuous_usage=bool(options and options.continuous_usage_stats))
-        if chat and req.tools and req.tool_choice in (None, "auto"):
+        if parse_tools:
             s.tool_parser = self.facts.tool_parser
         if created is not None:
             s.created = created
@@ -208,11 +210,14 @@ class OpenAIHandler:
         req = self._parse(TokenizeRequest, body)
         planner.check_model(req.model, self.facts)
         if req.messages is not None:
-            chat = ChatCompletionRequest(
-                messages=req.messages, add_generation_prompt=req.add_generation_prompt,
-                continue_final_message=req.continue_final_message,
-                chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs,
-                tools=req.tools)
+            try:
+                chat = ChatCompletionRequest(
+                    messages=req.messages, add_generation_prompt=req.add_generation_prompt,
+                    continue_final_message=req.continue_final_message,
+                    chat_template=req.chat_template,
+                    chat_template_kwargs=req.chat_template_kwargs, tools=req.tools)
+            except ValidationError as e:
+                raise from_validation_error(e) from e
             ids = planner.chat_prompt(chat, self.tokenizer, self.facts)
             if req.add_special_tokens:
                 ids = self.tokenizer.build_inputs_with_special_tokens(ids)
@@ -276,7 +281,8 @@ def cluster_error(e: BaseException) -> APIError:
     if isinstance(e, (NoWorkers, WorkerDied)):
         return APIError(503, _last_line(e), type="service_unavailable_error",
                         code="worker_unavailable", retry_after=5)
-    if isinstance(e, (RouterUnavailable, ShuttingDown, RayActorError, TimeoutError)):
+    if isinstance(e, (RouterUnavailable, ShuttingDown, RayActorError, TimeoutError,
+                      asyncio.TimeoutError)):
         return APIError(503, _last_line(e), type="service_unavailable_error",
                         code="service_unavailable", retry_after=2)
     if isinstance(e, ValueError):

@@ -137,9 +137,13 @@ def build_api(server: OpenAIHandler, allowed_origins: list[str] | None = None) -
 
     @app.get("/version")
     async def version() -> JSONResponse:
+        from importlib.metadata import PackageNotFoundError
         from importlib.metadata import version as dist_version
 
-        return JSONResponse({"version": dist_version("raysvc")})
+        try:
+            return JSONResponse({"version": dist_version("raysvc")})
+        except PackageNotFoundError:  # run from a source tree, not installed
+            return JSONResponse({"version": "unknown"})
 
     @app.api_route("/ping", methods=["GET", "POST"])
     async def ping() -> Response:

@@ -59,15 +59,16 @@ def drain(timeout_s: float) -> int:
     many were still running at the end."""
     import ray
 
+    from raysvc.cluster.actors import NAMESPACE
     from raysvc.cluster.launch import AppNames
 
-    names = AppNames(f"raysvc.{APP_NAME}")
-    name = names.router
-    try:
-        router = names.get(name)
-    except ValueError:
-        logger.warning("raysvc serve: no router %s to drain", name)
+    routers = [e["name"] for e in ray.util.list_named_actors(all_namespaces=True)
+               if e["namespace"] == NAMESPACE and e["name"].startswith(f"raysvc.{APP_NAME}.")
+               and e["name"].endswith(":router")]
+    if not routers:
+        logger.warning("raysvc serve: no router of app %s to drain", APP_NAME)
         return 0
+    router = AppNames("").get(routers[0])
     deadline, left = time.monotonic() + timeout_s, 0
     while True:
         try:

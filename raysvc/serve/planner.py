@@ -142,8 +142,10 @@ def _template_message(m) -> dict[str, Any]:
 
 
 def plan(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
-         tokenizer, facts: ModelFacts) -> Plan:
-    """Check lengths and limits; build engine params and one SampleText per choice."""
+         tokenizer, facts: ModelFacts, keep_special_tokens: bool = False) -> Plan:
+    """Check lengths and limits; build engine params and one SampleText per choice.
+    `keep_special_tokens`: decode them into the text (tool-call markers such as Mistral's
+    [TOOL_CALLS] are special tokens), as vLLM does when it parses tool calls."""
     chat = isinstance(req, ChatCompletionRequest)
     field = "messages" if chat else "prompt"
     if req.n > facts.max_n:
@@ -185,8 +187,9 @@ def plan(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]
             params[name] = getattr(req, name)
     _check_engine_params(params)
     stops = req.stop_list()
-    samples = [[SampleText(tokenizer, ids, stops, req.include_stop_str_in_output,
-                           req.skip_special_tokens, req.min_tokens) for _ in range(req.n)]
+    skip = req.skip_special_tokens and not keep_special_tokens
+    samples = [[SampleText(tokenizer, ids, stops, req.include_stop_str_in_output, skip,
+                           req.min_tokens) for _ in range(req.n)]
                for ids in prompts]
     texts = [tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens)
              for ids in prompts] if getattr(req, "echo", False) else [""] * len(prompts)
