@@ -290,3 +290,32 @@ def test_a_worker_reported_failed_takes_nothing_until_its_health_is_known():
         assert (await router.acquire("after", 8)).worker_id == "slow"
 
     run(main())
+
+
+def test_merge_streams_counts_open_streams_and_closes_them_all():
+    from raysvc.cluster.client import merge_streams
+
+    closed = []
+
+    async def gen(name, n, fail=False):
+        try:
+            for i in range(n):
+                await asyncio.sleep(0.001 * (i + 1))
+                yield f"{name}{i}"
+            if fail:
+                raise ValueError(f"{name} failed")
+        finally:
+            closed.append(name)
+
+    async def main():
+        got = [x async for x in merge_streams([gen("a", 2), gen("b", 4)])]
+        assert sorted(item for item, _ in got) == ["a0", "a1", "b0", "b1", "b2", "b3"]
+        assert got[-1] == ("b3", 1)  # the last item: its stream is the only one open
+        assert all(n == 2 for item, n in got if item.startswith("a"))
+        with pytest.raises(ValueError, match="a failed"):
+            async for _ in merge_streams([gen("a", 1, fail=True), gen("c", 100)]):
+                pass
+        await asyncio.sleep(0.01)
+        assert "c" in closed  # the other stream was closed, not left running
+
+    run(main())

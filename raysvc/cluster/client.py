@@ -251,38 +251,54 @@ class ClusterClient:
         """The unfinished samples of an n > 1 request whose worker went away, each as an
         n = 1 request of prompt + its tokens so far (its seed, if any, is the one sample
         `index` had: seed + index), their chunks merged back under the samples' indices."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def one(index: int) -> None:
+        async def one(index: int) -> AsyncIterator[StreamChunk]:
             sub = {**params, "n": 1, "prompt_logprobs": None}
             if sub.get("seed") is not None:
                 sub["seed"] = int(sub["seed"]) + index
             sub = _continued(sub, len(outputs[index]))
-            try:
-                async for chunk in self.generate(f"{request_id}.s{index}",
-                                                 list(prompt_token_ids) + outputs[index], sub):
-                    for d in chunk.deltas:
-                        d.index = index
-                    queue.put_nowait(chunk)
-                queue.put_nowait(None)
-            except BaseException as e:
-                queue.put_nowait(e)
-                raise
+            async for chunk in self.generate(f"{request_id}.s{index}",
+                                             list(prompt_token_ids) + outputs[index], sub):
+                for d in chunk.deltas:
+                    d.index = index
+                yield chunk
 
-        tasks = [asyncio.create_task(one(i)) for i in sorted(outputs) if i not in ended]
+        samples = [one(i) for i in sorted(outputs) if i not in ended]
+        async for chunk, still_open in merge_streams(samples):
+            chunk.num_prompt_tokens = len(prompt_token_ids)
+            chunk.finished = still_open == 1 and chunk.finished  # the request's last end
+            yield chunk
+
+
+async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[Any, int]]:
+    """The items of several async iterators as they come, each with how many of them are
+    still open (its own included). An exception in one ends them all; leaving early
+    closes them all (aborting their requests)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator) -> None:
         try:
-            pending = len(tasks)
-            while pending:
-                item = await queue.get()
-                if item is None:
-                    pending -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                item.num_prompt_tokens = len(prompt_token_ids)
-                item.finished = pending == 1 and item.finished
-                yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            async for item in stream:
+                queue.put_nowait(item)
+            queue.put_nowait(_END)
+        except BaseException as e:
+            queue.put_nowait(e)
+            raise
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        still_open = len(tasks)
+        while still_open:
+            item = await queue.get()
+            if item is _END:
+                still_open -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item, still_open
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+_END = object()

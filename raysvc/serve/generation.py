@@ -10,13 +10,12 @@ aborts it on its worker.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from raysvc.cluster.client import ClusterClient
+from raysvc.cluster.client import ClusterClient, merge_streams
 from raysvc.serve.detokenizer import SampleText
 
 
@@ -71,32 +70,9 @@ class Generation:
             finally:  # close it now (abort + release), not whenever it is collected
                 await inner.aclose()
             return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int) -> None:
-            try:
-                async for moved in self._run_prompt(i):
-                    queue.put_nowait(moved)
-                queue.put_nowait(None)
-            except BaseException as e:
-                queue.put_nowait(e)
-                raise
-
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.prompts))]
-        try:
-            pending = len(tasks)
-            while pending:
-                item = await queue.get()
-                if item is None:
-                    pending -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        prompts = [self._run_prompt(i) for i in range(len(self.prompts))]
+        async for moved, _ in merge_streams(prompts):
+            yield moved
 
     async def _run_prompt(self, i: int) -> AsyncIterator[list[int]]:
         samples = self.samples[i]
