@@ -230,7 +230,7 @@ def test_processor_in_a_user_pipeline(llm):
     from raysvc.batch import ProcessorConfig, build_processor
 
     ray = fresh_ray()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
     try:
         questions = [f"The {w} type is" for w in ("list", "dict", "set", "tuple", "str")]
         ds = ray.data.from_items([{"q": q, "n": i} for i, q in enumerate(questions)])

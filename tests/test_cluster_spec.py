@@ -36,7 +36,7 @@ def cluster():
     from raysvc.serve.args import ServeArgs
 
     ray = fresh_ray()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning",
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="warning",
              _system_config={"metrics_report_interval_ms": 1000})
     try:
         args = ServeArgs(num_workers=2, draft_workers=1, engine=ENGINE,

@@ -489,5 +489,7 @@ def test_sigterm_shuts_down_cleanly(server):
     out = server.output()
     assert "raysvc serve: stopped" in out
     assert "Traceback" not in out and "*** SIGTERM received" not in out, out[-3000:]
-    assert took < 3.0, f"idle shutdown took {took:.1f}s"
+    # Idle, nothing may wait out a grace period (the ingress's is 600 s, the drain's 30 s):
+    # Serve's own teardown takes 1-4 s on a busy 2-core machine.
+    assert took < 10.0, f"idle shutdown took {took:.1f}s"
 
