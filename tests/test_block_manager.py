@@ -75,11 +75,9 @@ def test_random_operations_keep_counts_consistent(operations):
             cached = bm.find_cached_prefix(seq)
             assert len(cached) * BLOCK_SIZE < seq.num_tokens  # the last token is computed
             n = seq.num_tokens - len(cached) * BLOCK_SIZE
-            if bm.can_allocate(seq, n, cached):
-                free_before = bm.num_free_blocks
-                bm.attach_cached(seq, cached)
-                seq.num_computed_tokens = len(cached) * BLOCK_SIZE
-                bm.allocate(seq, n)
+            free_before = bm.num_free_blocks
+            if bm.allocate_slots(seq, n, cached=cached) is not None:
+                assert seq.num_computed_tokens == len(cached) * BLOCK_SIZE
                 seq.num_computed_tokens += n
                 bm.cache_full_blocks(seq)
                 assert bm.num_free_blocks >= 0 and free_before >= bm.num_free_blocks
@@ -87,16 +85,19 @@ def test_random_operations_keep_counts_consistent(operations):
         elif live and op[0] == "append":
             seq = live[op[1] % len(live)]
             free_before = bm.num_free_blocks
-            needed = bm.blocks_needed(seq, op[2])
-            if bm.can_allocate(seq, op[2]):
-                copies = bm.allocate(seq, op[2])
+            shared = seq.num_computed_tokens // BLOCK_SIZE < len(seq.block_table) and \
+                bm.ref_counts[seq.block_table[seq.num_computed_tokens // BLOCK_SIZE]] > 1
+            needed = cdiv(seq.num_computed_tokens + op[2], BLOCK_SIZE) - len(seq.block_table) \
+                + shared
+            copies = bm.allocate_slots(seq, op[2])
+            if copies is not None:
                 seq.token_ids += [9] * op[2]
                 seq.num_computed_tokens += op[2]
                 bm.cache_full_blocks(seq)
                 assert len(copies) <= 1  # copy-on-write replaces at most one shared block
                 assert bm.num_free_blocks == free_before - needed
             else:
-                assert needed > free_before
+                assert needed > free_before and bm.num_free_blocks == free_before
         elif live and op[0] == "fork":
             parent = live[op[1] % len(live)]
             child = Sequence(parent.request, 1, parent=parent)
@@ -113,3 +114,53 @@ def test_random_operations_keep_counts_consistent(operations):
     assert bm.num_free_blocks == NUM_BLOCKS
     assert sum(bm.ref_counts) == 0
     assert bm.num_cached_free == len(bm.cached)
+
+
+steps = st.lists(st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(0, 5),
+                           st.integers(0, 5)), min_size=1, max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompts, steps)
+def test_allocate_slots_fits_or_changes_nothing_and_rollback_restores(prompt, plan):
+    """Speculative steps: `allocate_slots` with k lookahead proposals gives exactly the
+    blocks the new and proposed tokens need, or None and leaves every book as it was;
+    `truncate` after verification gives back the blocks of rejected proposals; the null
+    block (index num_blocks) is never handed out."""
+    bm = BlockManager(NUM_BLOCKS, BLOCK_SIZE)
+    other = Request("o", None, prompt, SamplingParams(), ()).seqs[0]
+    seq = Request("s", None, list(prompt), SamplingParams(), ()).seqs[0]
+    assert bm.allocate_slots(other, other.num_tokens) is not None
+    other.num_computed_tokens = other.num_tokens
+    bm.cache_full_blocks(other)
+    cached = bm.find_cached_prefix(seq)
+    n = seq.num_tokens - len(cached) * BLOCK_SIZE
+    assert bm.allocate_slots(seq, n, cached=cached) is not None
+    seq.num_computed_tokens = seq.num_tokens
+    bm.cache_full_blocks(seq)
+    live = [other, seq]
+    for filler, new, k, accepted in plan:
+        for _ in range(filler):  # other sequences take blocks, so that some steps do not fit
+            s = Request("f", None, [3] * BLOCK_SIZE, SamplingParams(), ()).seqs[0]
+            if bm.allocate_slots(s, BLOCK_SIZE) is not None:
+                s.num_computed_tokens = BLOCK_SIZE
+                live.append(s)
+        books = (list(bm.ref_counts), list(bm.free_queue), list(seq.block_table))
+        copies = bm.allocate_slots(seq, new, num_lookahead_tokens=k)
+        if copies is None:
+            assert (list(bm.ref_counts), list(bm.free_queue), list(seq.block_table)) == books
+            if len(live) > 2:
+                bm.free(live.pop())
+            continue
+        assert len(seq.block_table) == cdiv(seq.num_computed_tokens + new + k, BLOCK_SIZE)
+        assert all(0 <= b < NUM_BLOCKS for b in seq.block_table)  # never the null block
+        seq.token_ids += [9] * new
+        seq.num_computed_tokens += new + min(accepted, k)  # verified: the rest rolls back
+        seq.token_ids += [9] * min(accepted, k)
+        bm.truncate(seq)
+        assert len(seq.block_table) == cdiv(seq.num_computed_tokens, BLOCK_SIZE)
+        bm.cache_full_blocks(seq)
+        check(bm, live, set(bm.cached))
+    for s in live:
+        bm.free(s)
+    assert bm.num_free_blocks == NUM_BLOCKS and sum(bm.ref_counts) == 0

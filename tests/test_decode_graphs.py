@@ -27,11 +27,11 @@ def _decoding_seqs(engine: LLMEngine, lengths: list[int]):
     for i, n in enumerate(lengths):
         seq = Request(f"r{i}", None, [(7 * i + j) % 50 + 3 for j in range(n)], SamplingParams(),
                       ()).seqs[0]
-        engine.block_manager.allocate(seq, n)
+        engine.block_manager.allocate_slots(seq, n)
         engine.runner.execute(SchedulerOutput([ScheduledSeq(seq, n)]), [n - 1])
         seq.num_computed_tokens = n
         seq.token_ids.append(11 + i)
-        engine.block_manager.allocate(seq, 1)
+        engine.block_manager.allocate_slots(seq, 1)
         seqs.append(seq)
     return seqs
 
@@ -55,7 +55,7 @@ def test_static_buffers_equal_the_plain_runner(make_checkpoint, lengths):
     for s in seqs:
         s.num_computed_tokens += 1
         s.token_ids.append(5)
-        engine.block_manager.allocate(s, 1)
+        engine.block_manager.allocate_slots(s, 1)
     expected = engine.runner.execute(batch, list(range(len(seqs))))
     torch.testing.assert_close(graphs.execute(batch), expected, rtol=1e-5, atol=1e-5)
     assert not graphs.fits(SchedulerOutput([ScheduledSeq(seqs[0], 2)]))
@@ -72,7 +72,7 @@ def test_verification_shapes_equal_the_plain_runner(make_checkpoint):
     seqs = _decoding_seqs(engine, [6, 15, 1])
     for i, s in enumerate(seqs):
         s.spec_token_ids = [20 + i, 30 + i, 40 + i]
-        engine.block_manager.allocate(s, 4)
+        engine.block_manager.allocate_slots(s, 4)
     batch = SchedulerOutput([ScheduledSeq(s, 4) for s in seqs])
     assert graphs.fits(batch)
     assert not graphs.fits(SchedulerOutput([ScheduledSeq(s, 3) for s in seqs]))  # no q=3
@@ -139,7 +139,7 @@ def test_captured_graphs_equal_the_plain_runner(make_checkpoint):
     torch.testing.assert_close(graphs.execute(batch), expected, rtol=1e-4, atol=1e-4)
     for i, s in enumerate(seqs):
         s.spec_token_ids = [20 + i, 30 + i]
-        engine.block_manager.allocate(s, 3)
+        engine.block_manager.allocate_slots(s, 3)
     batch = SchedulerOutput([ScheduledSeq(s, 3) for s in seqs])
     expected = r.execute(batch, list(range(15)))
     torch.testing.assert_close(graphs.execute(batch), expected, rtol=1e-4, atol=1e-4)

@@ -24,7 +24,7 @@ def prefill_logits(llm: LLM, prompts: list[list[int]]) -> list[torch.Tensor]:
     batch = SchedulerOutput()
     requests = [Request(f"r{i}", None, p, SamplingParams(), ()) for i, p in enumerate(prompts)]
     for r in requests:
-        engine.block_manager.allocate(r.seqs[0], len(r.prompt_token_ids))
+        engine.block_manager.allocate_slots(r.seqs[0], len(r.prompt_token_ids))
         batch.scheduled.append(ScheduledSeq(r.seqs[0], len(r.prompt_token_ids)))
     ids, pos, meta = engine.runner.prepare_inputs(batch)
     hidden = engine.runner.model.forward(ids, pos, engine.runner.kv_cache.layers, meta,

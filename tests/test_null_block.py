@@ -27,7 +27,7 @@ def test_padding_points_at_the_null_block_which_stays_empty():
     short = Request("a", None, [1] * 5, SamplingParams(), ()).seqs[0]
     long = Request("b", None, [1] * 60, SamplingParams(), ()).seqs[0]
     for seq in (short, long):
-        bm.allocate_fresh(seq, seq.num_tokens)
+        bm.allocate_slots(seq, seq.num_tokens)
     try:
         assert null not in short.block_table + long.block_table
         _, _, meta = engine.runner.prepare_inputs(SchedulerOutput(

@@ -63,7 +63,7 @@ def forward_ms(model: str, dtype: str, q_len: int, context: int = 100, n: int = 
                                     enforce_eager=True))
     seq = Request("r", None, [5 + i % 50 for i in range(context)], SamplingParams(),
                   ()).seqs[0]
-    engine.block_manager.allocate(seq, context)
+    engine.block_manager.allocate_slots(seq, context)
     seq.num_computed_tokens = context - q_len
     batch = SchedulerOutput([ScheduledSeq(seq, q_len)])
     for _ in range(10):
@@ -96,7 +96,7 @@ def start_pool(dtype: str, threads: int) -> list:
 
     from raysvc.cluster.draft_pool import start_draft_pool
 
-    ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False,
              logging_level="warning", log_to_driver=False)
     return start_draft_pool(1, dtype=dtype, num_cpus=1, num_threads=threads)
 

@@ -76,9 +76,8 @@ class BlockManager:
             hits.append(block)
         return hits
 
-    def attach_cached(self, seq: Sequence, blocks: list[int]) -> None:
+    def _attach_cached(self, seq: Sequence, blocks: list[int]) -> None:
         """Give a fresh sequence the cached blocks of its prefix (shared, read-only)."""
-        assert not seq.block_table
         for block in blocks:
             if self.ref_counts[block] == 0:
                 del self.free_queue[block]
@@ -133,27 +132,34 @@ class BlockManager:
         i = seq.num_computed_tokens // self.block_size
         return i < len(seq.block_table) and self.ref_counts[seq.block_table[i]] > 1
 
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
-        return max(total - len(seq.block_table), 0) + self._needs_copy(seq)
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int,
+                       num_lookahead_tokens: int = 0,
+                       cached: list[int] = ()) -> list[tuple[int, int]] | None:
+        """Room for the sequence's next `num_new_tokens` tokens plus `num_lookahead_tokens`
+        speculative proposals computed with them — all of it, or nothing changed and None.
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> bool:
-        """Room for `num_new_tokens` after attaching `cached` (hits that sit in the free
-        queue leave it, so they count against the free blocks too)."""
-        if not cached:
-            return self.blocks_needed(seq, num_new_tokens) <= len(self.free_queue)
-        n = len(cached) * self.block_size + num_new_tokens
-        needed = cdiv(seq.num_computed_tokens + n, self.block_size) - len(cached)
-        revived = sum(1 for b in cached if self.ref_counts[b] == 0)
-        return needed + revived <= len(self.free_queue)
+        The one writer of block tables (as vLLM's `KVCacheManager.allocate_slots`): prefill
+        chunks, decodes, proposals (given back by `truncate` once verified) and, for a fresh
+        sequence, the `cached` prefix blocks it attaches first (those that sit in the free
+        queue leave it, so they count against the free blocks too).
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
-        """Give `seq` room for `num_new_tokens` more tokens.
-
-        Returns the (src, dst) block copies the model runner must do before the forward
-        pass (copy-on-write of a shared, partly filled block).
+        Returns the (src, dst) block copies the model runner must do before the forward pass
+        (copy-on-write of a shared, partly filled block).
         """
-        assert self.can_allocate(seq, num_new_tokens)
+        n = num_new_tokens + num_lookahead_tokens
+        if cached:
+            assert not seq.block_table and seq.num_computed_tokens == 0
+            revived = sum(1 for b in cached if self.ref_counts[b] == 0)
+            total = cdiv(len(cached) * self.block_size + n, self.block_size)
+            if total - len(cached) + revived > len(self.free_queue):
+                return None
+            self._attach_cached(seq, cached)
+            seq.num_computed_tokens = len(cached) * self.block_size
+        else:
+            total = cdiv(seq.num_computed_tokens + n, self.block_size)
+            needed = max(total - len(seq.block_table), 0) + self._needs_copy(seq)
+            if needed > len(self.free_queue):
+                return None
         copies = []
         if self._needs_copy(seq):
             i = seq.num_computed_tokens // self.block_size
@@ -161,18 +167,9 @@ class BlockManager:
             self._release(src)
             seq.block_table[i] = dst
             copies.append((src, dst))
-        total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
         while len(seq.block_table) < total:
             seq.block_table.append(self._take())
         return copies
-
-    def blocks_needed_for(self, num_tokens: int) -> int:
-        return cdiv(num_tokens, self.block_size)
-
-    def allocate_fresh(self, seq: Sequence, num_tokens: int) -> None:
-        """Blocks for a sequence's first `num_tokens` tokens, whatever it has computed."""
-        while len(seq.block_table) < cdiv(num_tokens, self.block_size):
-            seq.block_table.append(self._take())
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         child.block_table = list(parent.block_table)

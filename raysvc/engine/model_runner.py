@@ -103,12 +103,12 @@ def warm_up(runner: ModelRunner, block_manager, max_tokens: int) -> None:
     q_len = 1
     while q_len <= max_tokens:
         for context in {q_len, q_len + 17}:  # a plain prefill, and new tokens on a prefix
-            if context > max_tokens or block_manager.blocks_needed_for(context) > \
-                    block_manager.num_free_blocks:
+            if context > max_tokens:
                 continue
             seq = Request("warm-up", None, [0] * context, SamplingParams(), ()).seqs[0]
+            if block_manager.allocate_slots(seq, context) is None:
+                continue
             seq.num_computed_tokens = context - q_len
-            block_manager.allocate_fresh(seq, context)
             try:
                 runner.execute(SchedulerOutput([ScheduledSeq(seq, q_len)]), [q_len - 1])
             finally:

@@ -75,21 +75,28 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            copies = None
             if seq.spec_token_ids:
                 spec = seq.spec_token_ids[: budget - n]
-                if spec and self.block_manager.can_allocate(seq, n + len(spec)):
+                if spec:
+                    copies = self.block_manager.allocate_slots(seq, n, len(spec))
+                if copies is None:
+                    seq.spec_token_ids, seq.spec_probs = [], None
+                else:
+                    seq.spec_token_ids = spec
+                    if seq.spec_probs is not None:
+                        seq.spec_probs = seq.spec_probs[: len(spec)]
                     n += len(spec)
-                seq.spec_token_ids = spec if n > seq.num_tokens - seq.num_computed_tokens else []
-                if seq.spec_probs is not None and seq.spec_token_ids:
-                    seq.spec_probs = seq.spec_probs[: len(seq.spec_token_ids)]
-            while not self.block_manager.can_allocate(seq, n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            else:
-                out.block_copies += self.block_manager.allocate(seq, n)
+            while copies is None:
+                copies = self.block_manager.allocate_slots(seq, n)
+                if copies is None:
+                    victim = self.running.pop()
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+            if copies is not None:
+                out.block_copies += copies
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
                 i += 1
@@ -102,15 +109,14 @@ class Scheduler:
             cached = self.block_manager.find_cached_prefix(seq)
             num_cached = len(cached) * self.block_manager.block_size
             n = min(seq.num_tokens - num_cached, budget)
-            if not self.block_manager.can_allocate(seq, n, cached):
+            copies = self.block_manager.allocate_slots(seq, n, cached=cached)
+            if copies is None:
                 break
             self.waiting.popleft()
             if self.block_manager.enable_prefix_caching:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += num_cached
-            self.block_manager.attach_cached(seq, cached)
-            seq.num_computed_tokens = num_cached
-            out.block_copies += self.block_manager.allocate(seq, n)
+            out.block_copies += copies
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))

@@ -132,9 +132,7 @@ class DraftModelProposer:
         return m
 
     def _reserve(self, seq: Sequence, m: Sequence) -> bool:
-        n = m.num_tokens - m.num_computed_tokens
-        if self.block_manager.can_allocate(m, n):
-            self.block_manager.allocate(m, n)
+        if self.block_manager.allocate_slots(m, m.num_tokens - m.num_computed_tokens) is not None:
             return True
         # Out of draft KV: give this mirror's blocks back; the sequence decodes plainly.
         self.release(seq)
