@@ -21,6 +21,17 @@ from raysvc.engine.sequence import Request
 CUDA = torch.cuda.is_available()
 
 
+def _run(runner, batch: SchedulerOutput, rows: list[int], graphs: DecodeGraphs | None = None):
+    """One step through `runner`, eagerly, or through `graphs` (which must take it)."""
+    runner.graphs = graphs
+    try:
+        step = runner.prepare(batch, rows)
+        assert (step.query_len is not None) == (graphs is not None)
+        return runner.execute(step)
+    finally:
+        runner.graphs = None
+
+
 def _decoding_seqs(engine: LLMEngine, lengths: list[int]):
     """Sequences with their prompts' KV in the pool and one new token to decode each."""
     seqs = []
@@ -28,7 +39,7 @@ def _decoding_seqs(engine: LLMEngine, lengths: list[int]):
         seq = Request(f"r{i}", None, [(7 * i + j) % 50 + 3 for j in range(n)], SamplingParams(),
                       ()).seqs[0]
         engine.block_manager.allocate_slots(seq, n)
-        engine.runner.execute(SchedulerOutput([ScheduledSeq(seq, n)]), [n - 1])
+        _run(engine.runner, SchedulerOutput([ScheduledSeq(seq, n)]), [n - 1])
         seq.num_computed_tokens = n
         seq.token_ids.append(11 + i)
         engine.block_manager.allocate_slots(seq, 1)
@@ -46,9 +57,10 @@ def test_static_buffers_equal_the_plain_runner(make_checkpoint, lengths):
     assert graphs.sizes == [1, 2, 4, 5]
     seqs = _decoding_seqs(engine, lengths)
     batch = SchedulerOutput([ScheduledSeq(s, 1) for s in seqs])
-    assert graphs.fits(batch)
-    expected = engine.runner.execute(batch, list(range(len(seqs))))
-    got = graphs.execute(batch)  # writes the same K/V to the same slots again
+    assert graphs.padded_size(batch) == {1: 1, 3: 4, 5: 5}[len(seqs)]
+    rows = list(range(len(seqs)))
+    expected = _run(engine.runner, batch, rows)
+    got = _run(engine.runner, batch, rows, graphs)  # writes the same K/V to the same slots
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # padding rows wrote nowhere: every sequence's next step still agrees
@@ -56,9 +68,10 @@ def test_static_buffers_equal_the_plain_runner(make_checkpoint, lengths):
         s.num_computed_tokens += 1
         s.token_ids.append(5)
         engine.block_manager.allocate_slots(s, 1)
-    expected = engine.runner.execute(batch, list(range(len(seqs))))
-    torch.testing.assert_close(graphs.execute(batch), expected, rtol=1e-5, atol=1e-5)
-    assert not graphs.fits(SchedulerOutput([ScheduledSeq(seqs[0], 2)]))
+    expected = _run(engine.runner, batch, rows)
+    torch.testing.assert_close(_run(engine.runner, batch, rows, graphs), expected, rtol=1e-5,
+                               atol=1e-5)
+    assert graphs.padded_size(SchedulerOutput([ScheduledSeq(seqs[0], 2)])) is None
 
 
 def test_verification_shapes_equal_the_plain_runner(make_checkpoint):
@@ -74,10 +87,11 @@ def test_verification_shapes_equal_the_plain_runner(make_checkpoint):
         s.spec_token_ids = [20 + i, 30 + i, 40 + i]
         engine.block_manager.allocate_slots(s, 4)
     batch = SchedulerOutput([ScheduledSeq(s, 4) for s in seqs])
-    assert graphs.fits(batch)
-    assert not graphs.fits(SchedulerOutput([ScheduledSeq(s, 3) for s in seqs]))  # no q=3
-    expected = r.execute(batch, list(range(12)))
-    torch.testing.assert_close(graphs.execute(batch), expected, rtol=1e-5, atol=1e-5)
+    assert graphs.padded_size(batch) == 4
+    assert graphs.padded_size(SchedulerOutput([ScheduledSeq(s, 3) for s in seqs])) is None
+    expected = _run(r, batch, list(range(12)))
+    torch.testing.assert_close(_run(r, batch, list(range(12)), graphs), expected, rtol=1e-5,
+                               atol=1e-5)
 
 
 def _attach_buffers(runner, query_lens) -> list[int]:
@@ -86,8 +100,7 @@ def _attach_buffers(runner, query_lens) -> list[int]:
                                  max_blocks_per_seq=8, capture=False, query_lens=query_lens)
     used: list[int] = []
     run = runner.graphs.execute
-    runner.graphs.execute = lambda batch: used.append(batch.scheduled[0].num_tokens) or run(
-        batch)
+    runner.graphs.execute = lambda step: used.append(step.query_len) or run(step)
     return used
 
 
@@ -135,14 +148,16 @@ def test_captured_graphs_equal_the_plain_runner(make_checkpoint):
                           capture=True, query_lens=(1, 3))
     seqs = _decoding_seqs(engine, [3, 17, 16, 40, 1])
     batch = SchedulerOutput([ScheduledSeq(s, 1) for s in seqs])
-    expected = r.execute(batch, list(range(len(seqs))))
-    torch.testing.assert_close(graphs.execute(batch), expected, rtol=1e-4, atol=1e-4)
+    rows = list(range(len(seqs)))
+    expected = _run(r, batch, rows)
+    torch.testing.assert_close(_run(r, batch, rows, graphs), expected, rtol=1e-4, atol=1e-4)
     for i, s in enumerate(seqs):
         s.spec_token_ids = [20 + i, 30 + i]
         engine.block_manager.allocate_slots(s, 3)
     batch = SchedulerOutput([ScheduledSeq(s, 3) for s in seqs])
-    expected = r.execute(batch, list(range(15)))
-    torch.testing.assert_close(graphs.execute(batch), expected, rtol=1e-4, atol=1e-4)
+    expected = _run(r, batch, list(range(15)))
+    torch.testing.assert_close(_run(r, batch, list(range(15)), graphs), expected, rtol=1e-4,
+                               atol=1e-4)
 
 
 @pytest.mark.gpu
@@ -204,7 +219,7 @@ def test_long_context_decode_is_left_to_the_split_kv_kernel(make_checkpoint):
 
     kv_heads = r.kv_cache.data.shape[4]
     assert decode_num_splits(1, kv_heads, 1100, r.model.device) > 1  # the eager choice
-    assert not graphs.fits(SchedulerOutput([decoding(1100)]))
-    assert graphs.fits(SchedulerOutput([decoding(100)]))
+    assert graphs.padded_size(SchedulerOutput([decoding(1100)])) is None
+    assert graphs.padded_size(SchedulerOutput([decoding(100)])) == 1
     assert decode_num_splits(4, kv_heads, 600, r.model.device) == 1
-    assert graphs.fits(SchedulerOutput([decoding(600) for _ in range(4)]))
+    assert graphs.padded_size(SchedulerOutput([decoding(600) for _ in range(4)])) == 4

@@ -26,7 +26,7 @@ def prefill_logits(llm: LLM, prompts: list[list[int]]) -> list[torch.Tensor]:
     for r in requests:
         engine.block_manager.allocate_slots(r.seqs[0], len(r.prompt_token_ids))
         batch.scheduled.append(ScheduledSeq(r.seqs[0], len(r.prompt_token_ids)))
-    ids, pos, meta = engine.runner.prepare_inputs(batch)
+    ids, pos, meta = engine.runner.device_inputs(engine.runner.prepare(batch))
     hidden = engine.runner.model.forward(ids, pos, engine.runner.kv_cache.layers, meta,
                                          engine.runner.backend)
     logits = engine.runner.model.compute_logits(hidden)

@@ -30,8 +30,8 @@ def test_padding_points_at_the_null_block_which_stays_empty():
         bm.allocate_slots(seq, seq.num_tokens)
     try:
         assert null not in short.block_table + long.block_table
-        _, _, meta = engine.runner.prepare_inputs(SchedulerOutput(
-            [ScheduledSeq(short, 5), ScheduledSeq(long, 60)]))
+        _, _, meta = engine.runner.device_inputs(engine.runner.prepare(SchedulerOutput(
+            [ScheduledSeq(short, 5), ScheduledSeq(long, 60)])))
         row = meta.block_tables[0].tolist()
         assert row[:len(short.block_table)] == short.block_table
         assert set(row[len(short.block_table):]) == {null}

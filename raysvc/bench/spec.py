@@ -65,14 +65,15 @@ def forward_ms(model: str, dtype: str, q_len: int, context: int = 100, n: int = 
                   ()).seqs[0]
     engine.block_manager.allocate_slots(seq, context)
     seq.num_computed_tokens = context - q_len
-    batch = SchedulerOutput([ScheduledSeq(seq, q_len)])
+    step = engine.runner.prepare(SchedulerOutput([ScheduledSeq(seq, q_len)]),
+                                 list(range(q_len)))
     for _ in range(10):
-        engine.runner.execute(batch, list(range(q_len)))
+        engine.runner.execute(step)
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(n):
-        engine.runner.execute(batch, list(range(q_len)))
+        engine.runner.execute(step)
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / n * 1e3

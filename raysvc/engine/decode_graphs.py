@@ -8,9 +8,10 @@ tokens: plain decoding (1), and speculative verification with k proposals each (
 the draft model's rounds after its first are decode steps too. Any other step (prefill
 chunks, mixed batches, block copies) runs eagerly.
 
-A graph replays fixed tensors, so a step's inputs are copied into static buffers sized
-for the largest batch; a batch of b sequences runs the graph of the smallest captured
-size >= b, its padding rows writing nowhere (slot -1) and attending only to themselves.
+A graph replays fixed tensors, so a step's inputs (its `StepBatch`, built padded to the
+graph's size) are copied into static buffers sized for the largest batch; a batch of b
+sequences runs the graph of the smallest captured size >= b, its padding rows writing
+nowhere (slot -1) and attending only to themselves.
 The attention is the unified Triton kernel (its launch grid depends on the batch shape
 alone). A decode batch for which the eager path would split the KV (few sequences on
 long contexts: the split-KV kernel reads the KV up to twice as fast there) runs eagerly.
@@ -25,9 +26,9 @@ import logging
 
 import torch
 
-from raysvc.engine.block_manager import cdiv
 from raysvc.engine.kv_cache import KVCache
 from raysvc.engine.scheduler import SchedulerOutput
+from raysvc.engine.step_batch import StepBatch
 from raysvc.models.attention import AttentionBackend, AttentionMetadata, TritonAttention
 from raysvc.models.llama import LlamaModel
 
@@ -67,9 +68,9 @@ class DecodeGraphs:
         self.split_aware = capture if split_aware is None else split_aware
         self.backend = UnifiedTritonAttention() if capture else backend
         n, dev = max_seqs * max(self.query_lens), model.device
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(3, n, dtype=torch.long, device=dev)  # as StepBatch.tokens
+        self.input_ids, self.positions, self.slot_mapping = self.tokens
+        self.slot_mapping.fill_(-1)
         self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32,
                                         device=dev)
         self.seq_lens = torch.ones(max_seqs, dtype=torch.int32, device=dev)
@@ -113,66 +114,35 @@ class DecodeGraphs:
         logger.info("captured %d CUDA graphs (query lengths %s, batch sizes up to %d)",
                     len(self.graphs), self.query_lens, self.max_seqs)
 
-    def fits(self, batch: SchedulerOutput) -> bool:
-        """Every sequence brings the same captured number of new tokens, no block copies,
-        and the batch is small enough."""
+    def padded_size(self, batch: SchedulerOutput) -> int | None:
+        """The captured batch size the step runs at, or None when it runs eagerly: it must
+        bring the same captured number of new tokens for every sequence, need no block
+        copies and be small enough."""
         items = batch.scheduled
         if not items or len(items) > self.max_seqs or batch.block_copies:
-            return False
+            return None
         q = items[0].num_tokens
         size = next(s for s in self.sizes if s >= len(items))
         if (q, size) not in self.shapes or any(item.num_tokens != q for item in items):
-            return False
+            return None
         if q == 1 and self.split_aware:
             from kernels.triton_attention import decode_num_splits
 
             longest = max(item.seq.num_computed_tokens + 1 for item in items)
-            return decode_num_splits(len(items), self.kv_cache.data.shape[4], longest,
-                                     self.model.device) == 1
-        return True
+            if decode_num_splits(len(items), self.kv_cache.data.shape[4], longest,
+                                 self.model.device) != 1:
+                return None
+        return size
 
-    def execute(self, batch: SchedulerOutput) -> torch.Tensor:
-        """Logits [num_tokens, vocab] at every position of a batch that `fits`, in the
-        flat batch order (as the eager runner would compute them before selecting rows)."""
-        items = batch.scheduled
-        b, q = len(items), items[0].num_tokens
-        size = next(s for s in self.sizes if s >= b)
-        bs, null = self.block_size, self.kv_cache.null_block
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        lens: list[int] = []
-        width = max(max(len(item.seq.block_table) for item in items), cdiv(q, bs))
-        tables: list[list[int]] = []
-        for item in items:
-            seq = item.seq
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + q
-            ids += seq.token_ids[start:end]
-            if end > seq.num_tokens:  # speculative proposals ride after the known tokens
-                ids += seq.spec_token_ids[: end - seq.num_tokens]
-            pos += range(start, end)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            lens.append(end)
-            tables.append(table + [null] * (width - len(table)))
-        pad = (size - b) * q
-        ids += [0] * pad
-        pos += list(range(q)) * (size - b)
-        slots += [-1] * pad
-        lens += [q] * (size - b)  # a padding row attends to its own q (unwritten) slots
-        tables += [[null] * width] * (size - b)
-        dev = self.input_ids.device
-        # three host->device copies: per-token values, per-sequence lengths, block tables
-        n = size * q
-        packed = torch.tensor([ids, pos, slots], dtype=torch.long).to(dev, non_blocking=True)
-        self.input_ids[:n].copy_(packed[0])
-        self.positions[:n].copy_(packed[1])
-        self.slot_mapping[:n].copy_(packed[2])
-        self.seq_lens[:size].copy_(torch.tensor(lens, dtype=torch.int32).to(dev,
-                                                                           non_blocking=True))
-        self.block_tables[:size, :width].copy_(
-            torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True))
+    def execute(self, step: StepBatch) -> torch.Tensor:
+        """Logits [num_tokens, vocab] at every position of a step built for `padded_size`,
+        in the flat batch order (as the eager runner would compute them before selecting
+        rows)."""
+        q, size = step.query_len, step.num_rows
+        self.tokens[:, : size * q].copy_(step.tokens, non_blocking=True)
+        self.seq_lens[:size].copy_(step.seq_lens, non_blocking=True)
+        self.block_tables[:size, : step.width].copy_(step.block_tables, non_blocking=True)
         if self.capture:
             self.graphs[q, size].replay()
-            return self.logits[q, size][: b * q]
-        return self._forward(q, size)[: b * q]
+            return self.logits[q, size][: step.num_tokens]
+        return self._forward(q, size)[: step.num_tokens]

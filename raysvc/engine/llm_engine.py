@@ -209,39 +209,19 @@ class LLMEngine:
         if not batch.scheduled:
             return []
 
-        # Which positions need logits: the last token of a sequence that caught up (it
-        # samples), or the last k + 1 of one that speculates (they are verified).
-        logits_indices: list[int] = []
-        sampling: list[tuple[Sequence, int]] = []  # (sequence, its logits row)
-        speculating: list[tuple[Sequence, int]] = []  # (sequence, its first logits row)
-        prompt_rows: list[tuple[Request, int, int]] = []  # (request, position, logits row)
-        end = 0
-        for item in batch.scheduled:
-            seq = item.seq
-            end += item.num_tokens
-            if seq.request.prompt_logprobs is not None:
-                start = seq.num_computed_tokens
-                first = max(start, len(seq.request.prompt_logprobs) - 1)
-                for pos in range(first, min(start + item.num_tokens, seq.num_prompt_tokens - 1)):
-                    prompt_rows.append((seq.request, pos, len(logits_indices)))
-                    logits_indices.append(end - item.num_tokens + pos - start)
-            if seq.spec_token_ids:
-                speculating.append((seq, len(logits_indices)))
-                logits_indices += range(end - len(seq.spec_token_ids) - 1, end)
-            elif seq.num_computed_tokens + item.num_tokens == seq.num_tokens:
-                sampling.append((seq, len(logits_indices)))
-                logits_indices.append(end - 1)
-        logits = self.runner.execute(batch, logits_indices)
+        step = self.runner.prepare(batch)
+        logits = self.runner.execute(step)
         for item in batch.scheduled:
             if not item.seq.spec_token_ids:
                 item.seq.num_computed_tokens += item.num_tokens
                 self.block_manager.cache_full_blocks(item.seq)
         self.num_computed_tokens += batch.num_tokens
-        if prompt_rows:
-            self._record_prompt_logprobs(logits, prompt_rows)
+        plan = step.logits
+        if plan.prompt_rows:
+            self._record_prompt_logprobs(logits, plan.prompt_rows)
 
         seqs, rows = [], []
-        for seq, row in sampling:
+        for seq, row in plan.sampling:
             seqs.append(seq)
             rows.append(row)
             if seq.request.fork_pending:
@@ -256,8 +236,8 @@ class LLMEngine:
                 touched[seq.request.request_id] = seq.request
         # the forward pass belongs to the step, not to verification: if nothing was sampled
         # (which waits for the logits), wait for it here
-        verify_start = self._now() if speculating and not seqs else time.perf_counter()
-        for seq, row in speculating:
+        verify_start = self._now() if plan.speculating and not seqs else time.perf_counter()
+        for seq, row in plan.speculating:
             k = len(seq.spec_token_ids)
             tokens = self.spec.verify(seq, logits[row: row + k + 1], self.sampler)
             # KV is valid for the last known token and the accepted proposals only
@@ -273,7 +253,7 @@ class LLMEngine:
         if self.spec is not None:
             end = time.perf_counter()  # verification read its logits on the host: synced
             self.spec.observe_step(batch.num_tokens, verify_start - draft_done,
-                                   len(speculating), end - verify_start)
+                                   len(plan.speculating), end - verify_start)
 
         outputs = []
         for request in touched.values():

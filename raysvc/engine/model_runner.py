@@ -1,8 +1,8 @@
-"""Builds one step's flat input batch and runs the model over it.
+"""Runs the model over one step's flat batch (`raysvc.engine.step_batch`).
 
 The batch is every scheduled sequence's new tokens, concatenated; positions, slot
 mapping, block tables and query boundaries describe where each token sits in its
-sequence and in the paged pool.
+sequence and in the paged pool. A uniform step replays a CUDA graph when there is one.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from raysvc.engine.decode_graphs import DecodeGraphs
 from raysvc.engine.kv_cache import KVCache
 from raysvc.engine.scheduler import SchedulerOutput
+from raysvc.engine.step_batch import LogitsPlan, StepBatch, StepBuilder, plan_logits
 from raysvc.models.attention import AttentionBackend, AttentionMetadata
 from raysvc.models.llama import LlamaModel
 
@@ -24,6 +25,8 @@ class ModelRunner:
         self.device = model.device
         self.block_size = kv_cache.block_size
         self.graphs: DecodeGraphs | None = None
+        self.builder = StepBuilder(self.block_size, kv_cache.null_block,
+                                   pin_memory=self.device.type == "cuda")
 
     def capture_graphs(self, max_seqs: int, max_model_len: int,
                        query_lens: tuple[int, ...] = (1,)) -> None:
@@ -32,64 +35,50 @@ class ModelRunner:
                                    -(-max_model_len // self.block_size), capture=True,
                                    query_lens=query_lens)
 
-    def execute(self, batch: SchedulerOutput, logits_indices: list[int]) -> torch.Tensor:
-        """Run one step; return logits [len(logits_indices), vocab] at the given positions
-        of the flat batch (a sampling sequence's last token; a speculating one's last
-        k + 1 tokens). Uniform steps replay a CUDA graph when there is one."""
-        if self.graphs is not None and self.graphs.fits(batch):
-            logits = self.graphs.execute(batch)
-            every_row = len(logits_indices) == logits.shape[0] and logits_indices[0] == 0
-            return logits if every_row else logits[logits_indices]  # indices are increasing
-        if batch.block_copies:
-            self.kv_cache.copy_blocks(batch.block_copies)
-        input_ids, positions, meta = self.prepare_inputs(batch)
-        hidden = self.model.forward(input_ids, positions, self.kv_cache.layers, meta, self.backend)
-        return self.model.compute_logits(hidden[logits_indices])
+    def prepare(self, batch: SchedulerOutput,
+                logits: LogitsPlan | list[int] | None = None) -> StepBatch:
+        """The step's plan: its inputs, padded for a graph when one fits, and its logits
+        rows (default: the engine's, `plan_logits`; a list: just those flat rows)."""
+        if logits is None:
+            logits = plan_logits(batch)
+        elif not isinstance(logits, LogitsPlan):
+            logits = LogitsPlan(indices=list(logits))
+        size = self.graphs.padded_size(batch) if self.graphs is not None else None
+        return self.builder.build(batch, logits, pad_to=size)
 
-    def prepare_inputs(
-        self, batch: SchedulerOutput
+    def execute(self, step: StepBatch) -> torch.Tensor:
+        """Run one step; return logits [len(step.logits.indices), vocab], one row per
+        planned index."""
+        indices = step.logits.indices
+        if step.query_len is not None:
+            logits = self.graphs.execute(step)
+            every_row = len(indices) == logits.shape[0] and (not indices or indices[0] == 0)
+            return logits if every_row else logits[indices]  # indices are increasing
+        if step.batch.block_copies:
+            self.kv_cache.copy_blocks(step.batch.block_copies)
+        input_ids, positions, meta = self.device_inputs(step)
+        hidden = self.model.forward(input_ids, positions, self.kv_cache.layers, meta, self.backend)
+        return self.model.compute_logits(hidden[indices])
+
+    def device_inputs(
+        self, step: StepBatch
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flat input ids [num_tokens], positions [num_tokens] and the attention metadata."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        for item in batch.scheduled:
-            seq = item.seq
-            start = seq.num_computed_tokens
-            end = start + item.num_tokens
-            input_ids += seq.token_ids[start:end]
-            if end > seq.num_tokens:  # speculative proposals ride after the known tokens
-                input_ids += seq.spec_token_ids[: end - seq.num_tokens]
-            positions += range(start, end)
-            query_start.append(query_start[-1] + item.num_tokens)
-            seq_lens.append(end)
-            tables.append(seq.block_table)
-        max_blocks = max(len(t) for t in tables)
-        dev = self.device
-        null = self.kv_cache.null_block
-        block_tables = torch.tensor([t + [null] * (max_blocks - len(t)) for t in tables],
-                                    dtype=torch.int32, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        query_start_loc = torch.tensor(query_start, dtype=torch.int32, device=dev)
-        q_lens = [e - s for s, e in zip(query_start, query_start[1:], strict=False)]
-        seq_of_token = torch.repeat_interleave(
-            torch.arange(len(tables), device=dev), torch.tensor(q_lens, device=dev)
-        )
-        bs = self.block_size
-        slot_mapping = block_tables[seq_of_token, pos // bs].long() * bs + pos % bs
+        """Flat input ids [num_tokens], positions [num_tokens] and the attention metadata,
+        in two host-to-device copies (none on CPU: the host buffers are the inputs)."""
+        tokens = step.tokens.to(self.device, non_blocking=True)
+        ints = step.ints.to(self.device, non_blocking=True)
+        rows, width = step.num_rows, step.width
         meta = AttentionMetadata(
-            slot_mapping=slot_mapping,
-            block_tables=block_tables,
-            query_start_loc=query_start_loc,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            max_query_len=max(q_lens),
-            max_seq_len=max(seq_lens),
-            block_size=bs,
+            slot_mapping=tokens[2],
+            block_tables=ints[2 * rows + 1:].view(rows, width),
+            query_start_loc=ints[rows: 2 * rows + 1],
+            seq_lens=ints[:rows],
+            max_query_len=step.max_query_len,
+            max_seq_len=step.max_seq_len,
+            block_size=self.block_size,
         )
         self.backend.prepare(meta)
-        return torch.tensor(input_ids, dtype=torch.long, device=dev), pos, meta
+        return tokens[0], tokens[1], meta
 
 
 def warm_up(runner: ModelRunner, block_manager, max_tokens: int) -> None:
@@ -110,7 +99,8 @@ def warm_up(runner: ModelRunner, block_manager, max_tokens: int) -> None:
                 continue
             seq.num_computed_tokens = context - q_len
             try:
-                runner.execute(SchedulerOutput([ScheduledSeq(seq, q_len)]), [q_len - 1])
+                runner.execute(runner.prepare(SchedulerOutput([ScheduledSeq(seq, q_len)]),
+                                              [q_len - 1]))
             finally:
                 block_manager.free(seq)
         q_len *= 2

@@ -67,7 +67,7 @@ class DraftModelProposer:
             batch = SchedulerOutput([ScheduledSeq(m, m.num_tokens - m.num_computed_tokens)
                                      for _, m in active])
             last = list(itertools.accumulate(item.num_tokens for item in batch.scheduled))
-            logits = self.runner.execute(batch, [end - 1 for end in last])
+            logits = self.runner.execute(self.runner.prepare(batch, [end - 1 for end in last]))
             for item in batch.scheduled:
                 item.seq.num_computed_tokens += item.num_tokens
             mirrors = [m for _, m in active]
