@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from raysvc.engine.loading import (
 )
 from raysvc.engine.model_runner import ModelRunner, warm_up
 from raysvc.engine.outputs import CompletionOutput, RequestOutput
-from raysvc.engine.sampler import Sampler, top_logprobs
+from raysvc.engine.sampler import Sampler, process, top_logprobs
 from raysvc.engine.sampling_params import SamplingParams
 from raysvc.engine.scheduler import Scheduler
 from raysvc.engine.sequence import Request, Sequence
@@ -95,6 +96,7 @@ class LLMEngine:
                                        tuple(range(1, k_max + 2)))
             if self.spec is not None:
                 self.spec.uniform = True
+        self.grammars = None  # a GrammarCompiler, made on the first structured request
         self.requests: dict[str, Request] = {}
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
@@ -122,11 +124,61 @@ class LLMEngine:
                              f"max_model_len={self.max_model_len}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer, and this model has none")
+        self._check_logits_params(params)
+        grammar = self._compile(params)
         text = prompt if isinstance(prompt, str) else None
         request = Request(request_id, text, token_ids, params, self.eos_token_ids)
+        if params.bad_words:
+            request.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
+        if grammar is not None:
+            request.grammar = grammar
+            request.seqs[0].matcher = self.grammars.matcher(grammar)
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
         self.num_prompt_tokens += len(token_ids)
+
+    def _check_logits_params(self, params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias or ()),
+                          ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {vocab})")
+        for name in ("bad_words", "structured_outputs"):
+            if getattr(params, name) and self.vocabulary is None:
+                raise ValueError(f"{name}: needs a tokenizer, and this model has none")
+
+    @cached_property
+    def vocabulary(self):
+        """The tokenizer grammars and bad words are read with: the engine's, or, where
+        the engine leaves text to its caller (skip_tokenizer_init, as a worker does), one
+        loaded for this on first use."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return load_tokenizer(Path(self.config.tokenizer or self.model_path))
+
+    def _compile(self, params: SamplingParams):
+        """The request's grammar, compiled (cached per constraint); ValueError naming the
+        field when the constraint is malformed."""
+        if params.structured_outputs is None:
+            return None
+        if self.grammars is None:
+            from raysvc.engine.structured_output import GrammarCompiler
+
+            self.grammars = GrammarCompiler(self.vocabulary, self.model_config.vocab_size,
+                                            self.eos_token_ids)
+        return self.grammars.compile(params.structured_outputs)
+
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word as it would be tokenized alone and after a space (vLLM's rule)."""
+        found: list[list[int]] = []
+        for word in words:
+            for text in (word, " " + word.lstrip()):
+                ids = self.vocabulary.encode(text, add_special_tokens=False)
+                if ids and ids not in found:
+                    found.append(ids)
+        return found
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -211,12 +263,18 @@ class LLMEngine:
 
         step = self.runner.prepare(batch)
         logits = self.runner.execute(step)
+        plan = step.logits
+        # grammar masks: filled on the host while the device runs the forward pass
+        masks = [(row, s.matcher, []) for s, row in plan.sampling if s.matcher is not None]
+        masks += [(row, s.matcher, s.spec_token_ids) for s, row in plan.speculating
+                  if s.matcher is not None]
+        if masks:
+            self.grammars.apply(logits, masks)
         for item in batch.scheduled:
             if not item.seq.spec_token_ids:
                 item.seq.num_computed_tokens += item.num_tokens
                 self.block_manager.cache_full_blocks(item.seq)
         self.num_computed_tokens += batch.num_tokens
-        plan = step.logits
         if plan.prompt_rows:
             self._record_prompt_logprobs(logits, plan.prompt_rows)
 
@@ -239,7 +297,11 @@ class LLMEngine:
         verify_start = self._now() if plan.speculating and not seqs else time.perf_counter()
         for seq, row in plan.speculating:
             k = len(seq.spec_token_ids)
-            tokens = self.spec.verify(seq, logits[row: row + k + 1], self.sampler)
+            rows = logits[row: row + k + 1]
+            if seq.request.params.needs_processing:
+                rows = rows.float().clone()
+                process(rows, seq)
+            tokens = self.spec.verify(seq, rows, self.sampler)
             # KV is valid for the last known token and the accepted proposals only
             seq.num_computed_tokens += len(tokens)
             self.block_manager.truncate(seq)
@@ -293,6 +355,8 @@ class LLMEngine:
         children = []
         for index in range(1, request.params.n):
             child = Sequence(request, index, parent=parent)
+            if request.grammar is not None:
+                child.matcher = self.grammars.matcher(request.grammar)
             self.block_manager.fork(parent, child)
             self.scheduler.add_forked(child)
             request.seqs.append(child)
@@ -311,12 +375,18 @@ class LLMEngine:
             seq.cumulative_logprob += logprobs[token].logprob
         delta = detokenize_step(self.tokenizer, seq) if self.tokenizer is not None else ""
         may_stop = seq.num_output_tokens >= params.min_tokens
-        if may_stop and token in seq.request.stop_token_ids:
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            logger.warning("request %s: token %d breaks its grammar; the sample ends",
+                           seq.request.request_id, token)
+            seq.finish("stop")
+        elif may_stop and token in seq.request.stop_token_ids:
             seq.finish("stop", token if token in params.stop_token_ids else None)
         elif may_stop and delta and params.stop and (stop := find_stop_string(seq, len(delta))):
             seq.finish("stop", stop)
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish("length")
+        elif seq.matcher is not None and seq.matcher.is_terminated():
+            seq.finish("stop")  # the grammar is complete and took a stop token
         if seq.is_finished:
             self.scheduler.finish(seq)
             if self.spec is not None:

@@ -1,7 +1,8 @@
 """Turn one row of logits per sequence into its next token.
 
-Order, as in vLLM: raw logprobs (reported to the user) -> penalties -> min_tokens
-suppression -> greedy argmax, or temperature -> top_k -> top_p -> min_p -> sample.
+Order, as in vLLM: (grammar mask, applied by the engine) -> raw logprobs (reported to the
+user) -> allowed token ids, bad words, logit bias -> penalties -> min_tokens suppression
+-> greedy argmax, or temperature -> top_k -> top_p -> min_p -> sample.
 
 Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws
 exactly from p. A seeded sequence draws E from its own generator, so its output does not
@@ -39,11 +40,14 @@ class Sampler:
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        if any(p.needs_penalties for p in params):
+        processed = [i for i, (p, s) in enumerate(zip(params, seqs, strict=True))
+                     if p.needs_processing or p.needs_penalties or s.request.bad_words_token_ids]
+        if processed:
             logits = logits.clone()
-            for row, seq in enumerate(seqs):
-                if seq.request.params.needs_penalties:
-                    _apply_penalties(logits[row], seq)
+            for row in processed:
+                process(logits[row: row + 1], seqs[row])
+                if params[row].needs_penalties:
+                    _apply_penalties(logits[row], seqs[row])
         for row, seq in enumerate(seqs):
             if seq.num_output_tokens < seq.request.params.min_tokens and seq.request.stop_token_ids:
                 logits[row, list(seq.request.stop_token_ids)] = float("-inf")
@@ -97,6 +101,28 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         return self.draw(self.probabilities(logits, [s.request.params for s in seqs]), seqs)
+
+
+def process(logits: torch.Tensor, seq: Sequence) -> None:
+    """The request's allowed token ids, bad words and logit bias, in place on its logits
+    rows [rows, vocab] (a verification's k + 1 rows share them: none depends on the
+    position, except bad words, whose sequences do not speculate)."""
+    p = seq.request.params
+    if p.allowed_token_ids is not None:
+        allowed = torch.tensor(p.allowed_token_ids, device=logits.device)
+        keep = logits[:, allowed]
+        logits.fill_(float("-inf"))
+        logits[:, allowed] = keep
+    if seq.request.bad_words_token_ids:
+        out = seq.output_token_ids
+        banned = [w[-1] for w in seq.request.bad_words_token_ids  # a word one token from done
+                  if len(out) >= len(w) - 1 and out[len(out) - len(w) + 1:] == w[:-1]]
+        if banned:
+            logits[:, banned] = float("-inf")
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=logits.device)
+        logits[:, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device,
+                                       dtype=logits.dtype)
 
 
 def _apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:  # logits: [vocab], in place

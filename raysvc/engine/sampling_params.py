@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raysvc.engine.structured_output import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 
 
@@ -41,6 +43,35 @@ class SamplingParams(BaseModel):
     # what is new since the previous one ("delta": a stream costs O(length), not O(length^2)),
     # or only the finished request ("final_only").
     output_kind: Literal["cumulative", "delta", "final_only"] = "cumulative"
+    # Logits processing before sampling (after the raw logprobs are taken, as in vLLM):
+    # a bias added to given tokens' logits (OpenAI's -100..100), a whitelist of tokens,
+    # words never to complete, and a grammar the output must follow.
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] = Field(default_factory=list)
+    structured_outputs: StructuredOutputsParams | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (v or {}).items():
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias {bias} for token {token} is outside [-100, 100]")
+        return v or None
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _some_allowed(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and not v:
+            raise ValueError("must list at least one token id")
+        return v
+
+    @field_validator("bad_words")
+    @classmethod
+    def _no_empty_word(cls, v: list[str]) -> list[str]:
+        if any(not w.strip() for w in v):
+            raise ValueError("bad words must be non-empty")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -67,6 +98,11 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def needs_processing(self) -> bool:
+        """A position-independent change to the logits before sampling."""
+        return self.logit_bias is not None or self.allowed_token_ids is not None
 
     @property
     def needs_penalties(self) -> bool:

@@ -44,6 +44,8 @@ class Request:
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.fork_pending = params.n > 1  # becomes n sequences once the prompt is computed
+        self.bad_words_token_ids: list[list[int]] = []  # set by the engine (tokenized)
+        self.grammar = None  # the compiled structured-output grammar, if any
         self.prompt_logprobs_sent = False  # a delta output hands them out once
 
     @property
@@ -68,6 +70,7 @@ class Sequence:
         # speculative decoding: this step's proposals, verified after the forward pass
         self.spec_token_ids: list[int] = []
         self.spec_probs: torch.Tensor | None = None  # [k, vocab]; None = one-hot proposals
+        self.matcher = None  # where this sample stands in the request's grammar
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

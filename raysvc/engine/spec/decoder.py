@@ -1,8 +1,9 @@
 """Speculative decoding inside the engine step: propose before scheduling, verify after.
 
 Only sequences in plain decode (one token behind) and whose sampling needs nothing
-position-dependent (no penalties, logprobs or min_tokens) speculate; the rest of the batch
-decodes normally in the same step.
+position-dependent (no penalties, logprobs, min_tokens or bad words) speculate; the rest
+of the batch decodes normally in the same step. A grammar and a logit bias apply to every
+verified row alike (the engine masks them before verification).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def eligible(seq: Sequence) -> bool:
     p = seq.request.params
     return (seq.status is SequenceStatus.RUNNING and not seq.request.fork_pending
             and seq.num_computed_tokens == seq.num_tokens - 1
-            and not p.needs_penalties and p.logprobs is None and p.min_tokens == 0)
+            and not p.needs_penalties and p.logprobs is None and p.min_tokens == 0
+            and not p.bad_words)
 
 
 def pad_proposals(seqs: list[Sequence], ks: list[int]) -> None:
