@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import urllib.request
 
 import pytest
@@ -81,9 +82,17 @@ def test_fields_openai_defines_are_accepted_and_numbers_coerced(server, client):
     ({"prompt": "x", "max_tokens": 5.5}, "max_tokens"),
     ({"prompt": "x", "bogus": 1}, "bogus"),
     ({"prompt": "x", "seed": 2 ** 70}, "seed"),
-    ({"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
-    ({"prompt": "x", "allowed_token_ids": [1, 2]}, "allowed_token_ids"),
-    ({"prompt": "x", "guided_json": {"type": "object"}}, "guided_json"),
+    ({"prompt": "x", "logit_bias": {"five": 10}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 300}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"999999": 1}}, "logit_bias"),
+    ({"prompt": "x", "allowed_token_ids": [1, 10 ** 7]}, "allowed_token_ids"),
+    ({"prompt": "x", "guided_json": {"type": "frob"}}, "guided_json"),
+    ({"prompt": "x", "guided_regex": "(a"}, "guided_regex"),
+    ({"prompt": "x", "structured_outputs": {"grammar": "root ::= nowhere"}},
+     "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}},
+     "structured_outputs"),
+    ({"prompt": "x", "guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),  # 0 scores a prompt: needs echo
 ])
 def test_what_is_truly_unknown_or_unsupported_is_refused_naming_it(server, body, param):
@@ -92,9 +101,15 @@ def test_what_is_truly_unknown_or_unsupported_is_refused_naming_it(server, body,
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]},
-     "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tool_choice": {"type": "function", "function": {"name": "g"}},
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "a", "schema": {"type": "object", "properties": 3}}}}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "response_format"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"continue_final_message": True}, "continue_final_message"),
 ])
@@ -325,3 +340,108 @@ def test_cors_preflight(server):
         assert r.status == 200
         assert r.headers["Access-Control-Allow-Origin"] in ("*", "https://app.example")
         assert "POST" in r.headers["Access-Control-Allow-Methods"]
+
+
+# -- structured outputs and forced tool calls ---------------------------------------------
+
+PET = {"type": "object", "additionalProperties": False, "required": ["name", "kind", "age"],
+       "properties": {"name": {"type": "string", "maxLength": 10},
+                      "kind": {"enum": ["cat", "dog"]},
+                      "age": {"type": "integer", "minimum": 0, "maximum": 30}}}
+FORCED_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["city", "unit"],
+        "properties": {"city": {"type": "string", "maxLength": 12},
+                       "unit": {"enum": ["C", "F"]}}}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["a", "b"],
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                       "b": {"type": "integer", "minimum": 0, "maximum": 99}}}}},
+]
+MESSAGES = [{"role": "user", "content": "Describe a pet as JSON."}]
+
+
+def test_response_format_json_schema_and_json_object(client, llm):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET, "strict": True}}
+    for seed in (None, 1, 2):
+        r = client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=80, response_format=fmt, seed=seed,
+            temperature=0 if seed is None else 1.0)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), PET)
+    # any object: the tiny model opens a key it never closes (so no json.loads here; the
+    # engine's tests parse finished objects): the text is the offline engine's, constrained
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=40,
+                                       temperature=0, response_format={"type": "json_object"})
+    ids = _tokenizer().apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    expected = llm.generate(ids, SamplingParams(max_tokens=40, temperature=0, structured_outputs={
+        "json_object": True}))[0].outputs[0].text
+    assert r.choices[0].message.content == expected and expected.startswith('{"')
+    chunks = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=80,
+                                            temperature=0, response_format=fmt, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    jsonschema.validate(json.loads(text), PET)
+
+
+def _validate_call(call) -> None:
+    import jsonschema
+
+    schema = next(t["function"]["parameters"] for t in FORCED_TOOLS
+                  if t["function"]["name"] == call.function.name)
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
+def test_tool_choice_required_and_named_give_calls_that_validate(client):
+    ask = [{"role": "user", "content": "What is the weather in Oslo, and what is 2 + 3?"}]
+    for seed in (4, 5):  # (greedy, the tiny model calls add() until its context is full)
+        r = client.chat.completions.create(
+            model="tiny", messages=ask, tools=FORCED_TOOLS, tool_choice="required",
+            max_tokens=150, seed=seed, temperature=1.0)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            assert call.id.startswith("call_") and call.type == "function"
+            _validate_call(call)
+    r = client.chat.completions.create(
+        model="tiny", messages=ask, tools=FORCED_TOOLS, max_tokens=60, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "add"}})
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "add" and r.choices[0].message.content is None
+    _validate_call(call)
+    one = client.chat.completions.create(
+        model="tiny", messages=ask, tools=FORCED_TOOLS, tool_choice="required",
+        parallel_tool_calls=False, max_tokens=150, temperature=0)
+    assert len(one.choices[0].message.tool_calls) == 1
+    # streamed: the calls arrive as delta.tool_calls, as OpenAI sends them
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=ask, tools=FORCED_TOOLS, max_tokens=60, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True))
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert deltas and deltas[0].function.name == "get_weather"
+    args = "".join(d.function.arguments or "" for d in deltas)
+    _validate_call(type("Call", (), {"function": type("F", (), {
+        "name": "get_weather", "arguments": args})})())
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+
+
+def test_guided_fields_and_logit_bias_on_completions(client, llm):
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0,
+                                  extra_body={"guided_regex": "[0-9]{2}-[a-z]{3}"})
+    assert re.fullmatch("[0-9]{2}-[a-z]{3}", r.choices[0].text), r.choices[0].text
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0,
+                                  extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert r.choices[0].text in ("yes", "no")
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0,
+                                  extra_body={"guided_choice": ["alpha", "beta"]})
+    assert r.choices[0].text in ("alpha", "beta")
+    bias = {"42": 7.5, "9": -100}
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0,
+                                  logit_bias=bias, extra_body={"ignore_eos": True})
+    expected = llm.generate(PROMPT, SamplingParams(
+        max_tokens=8, temperature=0, ignore_eos=True,
+        logit_bias={int(k): v for k, v in bias.items()}))[0].outputs[0].text
+    plain = llm.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0,
+                                                ignore_eos=True))[0].outputs[0].text
+    assert r.choices[0].text == expected != plain

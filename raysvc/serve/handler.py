@@ -38,6 +38,7 @@ from raysvc.serve.schema import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    NamedToolChoice,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Started:
     created: int = field(default_factory=lambda: int(time.time()))
     iterator: AsyncIterator[list[int]] | None = None
     first: list[int] | None = None
-    tool_parser: str | None = None  # parse tool calls out of the answers (tool_choice auto)
+    tool_parser: str | None = None  # how to read tool calls out of the answers (tool_parsers)
     continuous_usage: bool = False  # usage in every chunk (vLLM's continuous_usage_stats)
 
 
@@ -114,6 +115,10 @@ class OpenAIHandler:
                     continuous_usage=bool(options and options.continuous_usage_stats))
         if parse_tools:
             s.tool_parser = self.facts.tool_parser
+        elif chat and req.tool_choice == "required":
+            s.tool_parser = "required"
+        elif chat and isinstance(req.tool_choice, NamedToolChoice):
+            s.tool_parser = "named:" + req.tool_choice.function.name
         if created is not None:
             s.created = created
         return s

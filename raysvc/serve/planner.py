@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from raysvc.serve.detokenizer import SampleText
 from raysvc.serve.errors import APIError, bad_request, from_validation_error
-from raysvc.serve.schema import ChatCompletionRequest, CompletionRequest
+from raysvc.serve.schema import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -182,9 +182,20 @@ def plan(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids or [], logprobs=logprobs,
         prompt_logprobs=max(prompt_top) if prompt_top else None)
-    for name in ("top_k", "min_p", "repetition_penalty"):
+    for name in ("top_k", "min_p", "repetition_penalty", "allowed_token_ids"):
         if getattr(req, name) is not None:
             params[name] = getattr(req, name)
+    if req.bad_words:
+        params["bad_words"] = req.bad_words
+    if req.logit_bias:
+        params["logit_bias"] = _logit_bias(req.logit_bias, facts.vocab_size)
+    bad = [t for t in req.allowed_token_ids or () if not 0 <= t < facts.vocab_size]
+    if bad:
+        raise bad_request(f"allowed_token_ids: token id {bad[0]} is outside the vocabulary "
+                          f"[0, {facts.vocab_size})", param="allowed_token_ids")
+    constraint = structured_outputs(req)
+    if constraint is not None:
+        params["structured_outputs"] = constraint
     _check_engine_params(params)
     stops = req.stop_list()
     skip = req.skip_special_tokens and not keep_special_tokens
@@ -195,6 +206,77 @@ def plan(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]
              for ids in prompts] if getattr(req, "echo", False) else [""] * len(prompts)
     return Plan(prompts, texts, params, samples, score_only, echo_logprobs,
                 req.prompt_logprobs)
+
+
+def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """OpenAI sends token ids as JSON object keys (strings)."""
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias: key {key!r} is not a token id",
+                              param="logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise bad_request(f"logit_bias: token id {token} is outside the vocabulary "
+                              f"[0, {vocab_size})", param="logit_bias")
+        out[token] = value
+    return out
+
+
+def required_tool_schema(tools: list, parallel: bool | None) -> dict[str, Any]:
+    """`tool_choice: "required"`: a JSON array of calls, each naming one of the tools with
+    arguments that validate against that tool's parameters (vLLM's shape)."""
+    calls = [{"type": "object", "properties": {
+        "name": {"type": "string", "enum": [t.function.name]},
+        "parameters": t.function.parameters or {"type": "object"}},
+        "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if parallel is False:
+        schema["maxItems"] = 1
+    return schema
+
+
+def structured_outputs(req: CompletionRequest | ChatCompletionRequest) -> dict | None:
+    """The request's one output constraint, from whichever field carries it; 400 naming
+    the field when it is malformed or when two fields each carry one."""
+    from raysvc.engine.structured_output import StructuredOutputsParams, check_syntax
+
+    found: list[tuple[str, Any]] = []
+    if req.structured_outputs is not None:
+        found.append(("structured_outputs", req.structured_outputs))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                      ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        if getattr(req, name) is not None:
+            found.append((name, {key: getattr(req, name)}))
+    if isinstance(req, ChatCompletionRequest):
+        fmt = req.response_format
+        if fmt is not None and fmt.type == "json_object":
+            found.append(("response_format", {"json_object": True}))
+        elif fmt is not None and fmt.type == "json_schema":
+            found.append(("response_format", {"json": fmt.json_schema.json_schema}))
+        if req.tool_choice == "required":
+            found.append(("tool_choice", {"json": required_tool_schema(
+                req.tools, req.parallel_tool_calls)}))
+        elif isinstance(req.tool_choice, NamedToolChoice):
+            tool = next(t for t in req.tools if t.function.name == req.tool_choice.function.name)
+            found.append(("tool_choice", {"json": tool.function.parameters
+                                          or {"type": "object"}}))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise bad_request(f"{found[1][0]}: only one output constraint per request (it comes "
+                          f"with {found[0][0]})", param=found[1][0])
+    field, value = found[0]
+    try:
+        constraint = StructuredOutputsParams.model_validate(value)
+        check_syntax(constraint)
+    except ValidationError as e:
+        raise bad_request(f"{field}: {e.errors()[0]['msg']}", param=field) from e
+    except ValueError as e:
+        where = f"{field}.{constraint.kind}" if field == "structured_outputs" else field
+        raise bad_request(f"{where}: {e}", param=field) from e
+    return constraint.model_dump(by_alias=True, exclude_none=True)
 
 
 def _check_engine_params(params: dict[str, Any]) -> None:

@@ -6,9 +6,10 @@ for an integer, as pydantic's lax mode reads them), unknown fields are refused w
 `store`, `service_tier`, `reasoning_effort`, legacy `functions`, ...) are accepted and
 ignored, so SDKs that send them keep working; vLLM's extras are accepted too (sampling:
 top_k, min_p, ignore_eos, ...; chat: chat_template_kwargs, continue_final_message,
-add_generation_prompt, chat_template), as `extra_body` in the openai client. What raysvc
-cannot honor (structured outputs until the step plan lands, a forced tool choice) is
-refused, naming the field.
+add_generation_prompt, chat_template), as `extra_body` in the openai client. Structured
+outputs come in all the ways clients send them (`response_format`, vLLM's
+`structured_outputs` and its older `guided_*` fields, a forced `tool_choice`); one per
+request.
 """
 
 from __future__ import annotations
@@ -84,11 +85,6 @@ class _SamplingFields(_Request):
 
     @model_validator(mode="after")
     def _supported(self):
-        blocked = "needs grammar masks and logit biases in the engine's step plan (raysvc #15)"
-        for name in ("logit_bias", "allowed_token_ids", "bad_words", "structured_outputs",
-                     "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-            if getattr(self, name):
-                raise ValueError(f"{name}: not supported yet: {blocked}")
         if self.stop is not None:
             stops = [self.stop] if isinstance(self.stop, str) else self.stop
             if any(s == "" for s in stops):
@@ -157,6 +153,26 @@ class NamedToolChoice(_Request):
     function: _Name
 
 
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # raysvc always holds the output to the schema
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema: needed with type json_schema")
+        return self
+
+
 class ChatMessage(_Request):
     role: str
     content: str | list[TextPart] | None = None
@@ -180,7 +196,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     # vLLM's chat extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -191,16 +207,11 @@ class ChatCompletionRequest(_SamplingFields):
     def _chat_supported(self):
         if self.max_tokens == 0:
             raise ValueError("max_tokens: must be >= 1 for chat completions")
-        if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
-            raise ValueError("tool_choice: 'required' and a named function force a call, which "
-                             "needs grammar masks in the engine's step plan (raysvc #15); "
-                             "use 'auto'")
         if self.tool_choice not in (None, "none") and not self.tools:
             raise ValueError("tool_choice: needs tools")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format: json_object and json_schema need grammar "
-                             "masks in the engine's step plan (raysvc #15); only "
-                             "{\"type\": \"text\"} is served yet")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name \
+                not in {t.function.name for t in self.tools}:
+            raise ValueError(f"tool_choice: no tool is named {self.tool_choice.function.name!r}")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs=true")
         if self.continue_final_message and self.add_generation_prompt:

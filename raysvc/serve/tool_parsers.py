@@ -7,6 +7,9 @@ Each family writes calls its own way (names as vLLM's `--tool-call-parser`):
   (optionally after `<|python_tag|>`), several separated by `;`;
 - "mistral": `[TOOL_CALLS]` then a JSON array of `{"name", "arguments"}` (v3 format), or
   `name[ARGS]{...}` per call (v11 format).
+A forced choice is read the same way, its text held to a grammar (serve/planner.py):
+- "required": the whole answer is a JSON array of `{"name": ..., "parameters": {...}}`;
+- "named:<function>": the whole answer is that function's arguments.
 `parse` turns a finished text into (content, calls); `ToolStream` does it for a stream:
 text that cannot be part of a call goes out as content at once, a call goes out as a
 `delta.tool_calls` entry (its name, then its arguments) as soon as it is complete.
@@ -76,6 +79,17 @@ _MISTRAL_V11 = re.compile(r"([A-Za-z_][\w.\-]*)\[ARGS\]")
 def parse(parser: str, text: str) -> tuple[str | None, list[Call]]:
     """(content, calls) of a finished answer; content is None when only calls were said."""
     calls: list[Call] = []
+    if parser == "required" or parser.startswith("named:"):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return text, []  # cut short (max_tokens): no call to make of it
+        if parser == "required":
+            calls = [c for c in map(_call, value if isinstance(value, list) else [])
+                     if c is not None]
+        else:
+            calls = [Call(parser[len("named:"):], text.strip())]
+        return (None, calls) if calls else (text, [])
     if parser == "hermes":
         rest = text
         for match in _HERMES.finditer(text):
@@ -142,6 +156,8 @@ class ToolStream:
     def feed(self, text: str) -> tuple[str, list[Call]]:
         """(content that is safe to send now, calls completed by this text)."""
         self.pending += text
+        if self.parser not in PARSERS:  # a forced choice: the answer is the calls
+            return "", []
         content, done = "", []
         while self.pending:
             if not self.in_call:
