@@ -36,25 +36,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    if args.what == "engine":
-        from raysvc.bench.engine import main as bench_main
-    elif args.what == "serve":
-        from raysvc.bench.serve import main as bench_main
-    elif args.what == "spec":
-        from raysvc.bench.spec import main as bench_main
-    elif args.what == "routing":
-        from raysvc.bench.routing import main as bench_main
-    elif args.what == "prefix-cache":
-        from raysvc.bench.prefix_cache import main as bench_main
-    elif args.what == "autoscale":
-        from raysvc.bench.autoscale import main as bench_main
-    elif args.what == "chaos":
-        from raysvc.bench.chaos import main as bench_main
-    elif args.what == "batch":
-        from raysvc.bench.batch import main as bench_main
-    else:
-        from raysvc.bench.kernels import main as bench_main
-    return bench_main(rest) or 0
+    import importlib
+
+    module = importlib.import_module(f"raysvc.bench.{args.what.replace('-', '_')}")
+    return module.main(rest) or 0
 
 
 def engine_from_cli(args: argparse.Namespace) -> dict:
@@ -279,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (the rest of the arguments go to them)")
     bench.add_argument("what", choices=["engine", "kernels", "serve", "spec", "routing",
-                                        "prefix-cache", "autoscale", "chaos", "batch"])
+                                        "prefix-cache", "autoscale", "chaos", "batch",
+                                        "structured"])
     return parser
 
 

@@ -182,3 +182,19 @@ def test_bad_constraints_and_token_ids_are_refused_naming_the_field(llm):
             llm.engine.add_request("bad", "x", SamplingParams(**kw))
         assert "bad" not in llm.engine.requests
     assert_no_leaks(llm.engine)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_host_masking_equals_xgrammars_kernel(dtype):
+    import xgrammar as xgr
+
+    from raysvc.engine.structured_output import _mask_on_host
+
+    g = torch.Generator().manual_seed(0)
+    for indices in (list(range(8)), [1, 5, 6]):
+        logits = torch.randn(8, 4096, generator=g).to(dtype)
+        bitmask = torch.randint(-2 ** 31, 2 ** 31 - 1, (8, 128), dtype=torch.int32, generator=g)
+        expected = logits.clone()
+        xgr.apply_token_bitmask_inplace(expected, bitmask, vocab_size=4000, indices=indices)
+        _mask_on_host(logits, bitmask, indices, 4000)
+        assert torch.equal(logits, expected)

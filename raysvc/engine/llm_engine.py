@@ -262,14 +262,15 @@ class LLMEngine:
             return []
 
         step = self.runner.prepare(batch)
-        logits = self.runner.execute(step)
         plan = step.logits
-        # grammar masks: filled on the host while the device runs the forward pass
+        # grammar masks: filled on a host thread while the forward pass runs
         masks = [(row, s.matcher, []) for s, row in plan.sampling if s.matcher is not None]
         masks += [(row, s.matcher, s.spec_token_ids) for s, row in plan.speculating
                   if s.matcher is not None]
-        if masks:
-            self.grammars.apply(logits, masks)
+        filled = self.grammars.fill(len(plan.indices), masks) if masks else None
+        logits = self.runner.execute(step)
+        if filled is not None:
+            self.grammars.apply(logits, filled)
         for item in batch.scheduled:
             if not item.seq.spec_token_ids:
                 item.seq.num_computed_tokens += item.num_tokens
