@@ -200,22 +200,6 @@ def test_kernels_compile_for_hopper() -> None:
     assert run.stdout.count("'spill_bytes': 0") == 5, run.stdout
 
 
-def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    b = make_batch([3, 1], [5, 9], num_heads=2, num_kv_heads=1, head_dim=16, block_size=8,
-                   dtype=torch.float32, poison_tails=False)
-    calls = []
-    monkeypatch.setattr(kernels, "triton_paged_attention",
-                        lambda *a, **kw: calls.append(kw) or torch_ref.paged_attention(*a))
-    kernels.paged_attention(*b.args(), max_query_len=3)
-    assert calls == [{"max_query_len": 3, "max_seq_len": None}]
-    if not CUDA:
-        monkeypatch.delenv("TRITON_INTERPRET")
-        assert not kernels.uses_triton(b.q)
-        out = kernels.paged_attention(*b.args())
-        assert len(calls) == 1
-        assert_matches(out, b, twin=False)
-
-
 def test_split_heuristic() -> None:
     assert tdec.split_kv_worthwhile(1, 8, 132, 4096)
     assert not tdec.split_kv_worthwhile(1, 8, 132, 512)  # short: the unified kernel wins
@@ -246,8 +230,8 @@ def test_store_kv(dtype: torch.dtype) -> None:
     torch_ref.store_kv(k, v, want_k, want_v, slots)
     kernels.triton_store_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
-    # the dispatching entry point takes the same path here, with int64 slots too
-    kernels.store_kv(k * 2, v * 2, k_cache, v_cache, slots.long())
+    # int64 slots too
+    kernels.triton_store_kv(k * 2, v * 2, k_cache, v_cache, slots.long())
     torch_ref.store_kv(k * 2, v * 2, want_k, want_v, slots)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
@@ -381,7 +365,7 @@ def test_gpu_llama_shapes(dtype: torch.dtype, gqa: int) -> None:
     """Llama-like heads, a long prefill, chunked prefill, verify and decodes together."""
     b = make_batch([700, 256, 5, 1, 1, 1], [700, 2304, 1029, 4000, 77, 1], num_heads=8 * gqa,
                    num_kv_heads=8, head_dim=128, block_size=16, dtype=dtype, seed=gqa)
-    out = kernels.paged_attention(*b.args(), out=b.poisoned_out())
+    out = kernels.triton_paged_attention(*b.args(), out=b.poisoned_out())
     assert_matches(out, b)
 
 
@@ -392,7 +376,7 @@ def test_gpu_llama_shapes(dtype: torch.dtype, gqa: int) -> None:
 def test_gpu_head_dims(dtype: torch.dtype, head_dim: int, block_size: int) -> None:
     b = make_batch([300, 3, 1], [300, 515, 1000], num_heads=16, num_kv_heads=4,
                    head_dim=head_dim, block_size=block_size, dtype=dtype, seed=head_dim)
-    assert_matches(kernels.paged_attention(*b.args(), out=b.poisoned_out()), b)
+    assert_matches(kernels.triton_paged_attention(*b.args(), out=b.poisoned_out()), b)
 
 
 @gpu
@@ -405,7 +389,7 @@ def test_gpu_split_kv(dtype: torch.dtype) -> None:
         out = kernels.triton_paged_decode_split_kv(*b.args(), out=b.poisoned_out(),
                                                    num_splits=splits)
         assert_matches(out, b)
-    assert_matches(kernels.paged_attention(*b.args(), out=b.poisoned_out()), b)
+    assert_matches(kernels.triton_paged_attention(*b.args(), out=b.poisoned_out()), b)
 
 
 @gpu
@@ -426,13 +410,13 @@ def test_gpu_pool_beyond_int32_elements() -> None:
     pos = torch.cat([torch.arange(300), torch.arange(333)]).cuda()
     seq = torch.cat([torch.zeros(300), torch.ones(333)]).long().cuda()
     slots = tables[seq, pos // bs].long() * bs + pos % bs
-    kernels.store_kv(k, v, k_cache, v_cache, slots)
+    kernels.triton_store_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache.view(-1, kvh, d)[slots], k)
     assert torch.equal(v_cache.view(-1, kvh, d)[slots], v)
     qsl = torch.tensor([0, 1, 2], dtype=torch.int32, device="cuda")
     b = Batch(q, k_cache, v_cache, tables, qsl, seq_lens, d**-0.5)
     want = torch_ref.paged_attention(*b.args())
-    for out in (kernels.paged_attention(*b.args()),
+    for out in (kernels.triton_paged_attention(*b.args()),
                 tattn.launch_unified(*b.args(), torch.empty_like(q),
                                      tattn.unified_config(1, 4, d, q.dtype)),
                 kernels.triton_paged_decode_split_kv(*b.args(), num_splits=3)):

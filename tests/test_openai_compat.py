@@ -385,6 +385,22 @@ def test_response_format_json_schema_and_json_object(client, llm):
     jsonschema.validate(json.loads(text), PET)
 
 
+def test_twenty_json_schemas_through_the_client(client):
+    """The engine tests' 20 schemas (nested objects, enums, arrays, anyOf, ...), each as
+    `response_format` json_schema with the openai client: the answers validate."""
+    import jsonschema
+    from test_structured_outputs import SCHEMAS
+
+    for i, schema in enumerate(SCHEMAS):
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"Answer {i} as JSON."}],
+            max_tokens=100, temperature=0, response_format={
+                "type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema,
+                                                       "strict": True}})
+        assert r.choices[0].finish_reason == "stop", (schema, r.choices[0].message.content)
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
 def _validate_call(call) -> None:
     import jsonschema
 

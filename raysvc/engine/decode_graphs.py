@@ -39,19 +39,6 @@ MAX_VERIFY_SEQS = 64  # verification graphs (query length > 1) up to this batch 
 # batches rarely speculate, and their logits (seqs x (k+1) x vocab) would hold much memory
 
 
-class UnifiedTritonAttention(TritonAttention):
-    """Triton attention that always takes the unified kernel (graph-safe: no split-KV)."""
-
-    def attend(self, q, k, v, k_cache, v_cache, meta, scale):
-        from kernels.triton_attention import launch_unified, unified_config
-
-        gqa = q.shape[1] // k_cache.shape[2]
-        out = torch.empty_like(q)
-        return launch_unified(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
-                              meta.seq_lens, scale, out,
-                              unified_config(meta.max_query_len, gqa, q.shape[2], q.dtype))
-
-
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, backend: AttentionBackend,
                  max_seqs: int, max_blocks_per_seq: int, capture: bool,
@@ -66,7 +53,7 @@ class DecodeGraphs:
         self.query_lens = tuple(sorted(set(query_lens)))
         self.capture = capture
         self.split_aware = capture if split_aware is None else split_aware
-        self.backend = UnifiedTritonAttention() if capture else backend
+        self.backend = TritonAttention(graph_safe=True) if capture else backend
         n, dev = max_seqs * max(self.query_lens), model.device
         self.tokens = torch.zeros(3, n, dtype=torch.long, device=dev)  # as StepBatch.tokens
         self.input_ids, self.positions, self.slot_mapping = self.tokens

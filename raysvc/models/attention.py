@@ -1,5 +1,8 @@
 """Attention metadata and backends: how a layer stores K/V in the paged pool and attends.
 
+The one place that chooses a kernel: `make_backend` picks the torch twins (CPU) or the
+Triton kernels (CUDA) once per engine; a CUDA graph takes the graph-safe Triton backend.
+
 The model runner builds one `AttentionMetadata` per step; every layer reuses it. A
 backend turns it into whatever its kernel needs once per step (`prepare`), so the
 per-layer call does no host work.
@@ -61,9 +64,16 @@ class TorchAttention:
 
 
 class TritonAttention:
-    """Triton kernels reading K/V straight from the pool (GPU, or CPU under TRITON_INTERPRET=1)."""
+    """Triton kernels reading K/V straight from the pool (GPU, or CPU under TRITON_INTERPRET=1).
+
+    `graph_safe`: always the unified kernel, whose launch grid depends on the batch shape
+    alone (what a CUDA graph replays); otherwise the kernel module picks split-KV for few
+    sequences on long contexts, where it reads the KV up to twice as fast."""
 
     name = "triton"
+
+    def __init__(self, graph_safe: bool = False) -> None:
+        self.graph_safe = graph_safe
 
     def prepare(self, meta: AttentionMetadata) -> None:
         pass
@@ -72,6 +82,13 @@ class TritonAttention:
         kernels.triton_store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
     def attend(self, q, k, v, k_cache, v_cache, meta, scale):
+        if self.graph_safe:
+            from kernels.triton_attention import launch_unified, unified_config
+
+            gqa = q.shape[1] // k_cache.shape[2]
+            return launch_unified(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
+                                  meta.seq_lens, scale, torch.empty_like(q),
+                                  unified_config(meta.max_query_len, gqa, q.shape[2], q.dtype))
         return kernels.triton_paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
             max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
