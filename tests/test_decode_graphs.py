@@ -17,6 +17,7 @@ from raysvc.engine.llm_engine import LLMEngine
 from raysvc.engine.sampling_params import SamplingParams
 from raysvc.engine.scheduler import ScheduledSeq, SchedulerOutput
 from raysvc.engine.sequence import Request
+from raysvc.engine.spec.proposal import Proposal
 
 CUDA = torch.cuda.is_available()
 
@@ -84,11 +85,11 @@ def test_verification_shapes_equal_the_plain_runner(make_checkpoint):
                           capture=False, query_lens=(1, 4))
     seqs = _decoding_seqs(engine, [6, 15, 1])
     for i, s in enumerate(seqs):
-        s.spec_token_ids = [20 + i, 30 + i, 40 + i]
+        s.proposal = Proposal([20 + i, 30 + i, 40 + i], None)
         engine.block_manager.allocate_slots(s, 4)
-    batch = SchedulerOutput([ScheduledSeq(s, 4) for s in seqs])
+    batch = SchedulerOutput([ScheduledSeq(s, 4, 3) for s in seqs])
     assert graphs.padded_size(batch) == 4
-    assert graphs.padded_size(SchedulerOutput([ScheduledSeq(s, 3) for s in seqs])) is None
+    assert graphs.padded_size(SchedulerOutput([ScheduledSeq(s, 3, 2) for s in seqs])) is None
     expected = _run(r, batch, list(range(12)))
     torch.testing.assert_close(_run(r, batch, list(range(12)), graphs), expected, rtol=1e-5,
                                atol=1e-5)
@@ -152,9 +153,9 @@ def test_captured_graphs_equal_the_plain_runner(make_checkpoint):
     expected = _run(r, batch, rows)
     torch.testing.assert_close(_run(r, batch, rows, graphs), expected, rtol=1e-4, atol=1e-4)
     for i, s in enumerate(seqs):
-        s.spec_token_ids = [20 + i, 30 + i]
+        s.proposal = Proposal([20 + i, 30 + i], None)
         engine.block_manager.allocate_slots(s, 3)
-    batch = SchedulerOutput([ScheduledSeq(s, 3) for s in seqs])
+    batch = SchedulerOutput([ScheduledSeq(s, 3, 2) for s in seqs])
     expected = _run(r, batch, list(range(15)))
     torch.testing.assert_close(_run(r, batch, list(range(15)), graphs), expected, rtol=1e-4,
                                atol=1e-4)
@@ -188,17 +189,16 @@ def test_pad_proposals_makes_verification_uniform_within_room():
 
     seqs = [Request(f"r{i}", None, [3, 4, 5 + i], SamplingParams(), ()).seqs[0]
             for i in range(4)]
-    seqs[0].spec_token_ids = [7, 8, 9]
-    seqs[1].spec_token_ids = [7]  # short n-gram match: padded with its last proposal
-    seqs[2].spec_token_ids = []  # no match: guesses its own last token
-    seqs[3].spec_token_ids = [7]
-    seqs[3].spec_probs = t.ones(1, 10) / 10  # a draft's q: not padded
+    seqs[0].proposal = Proposal([7, 8, 9], None)
+    seqs[1].proposal = Proposal([7], None)  # short n-gram match: padded with its last proposal
+    seqs[2].proposal = None  # no match: guesses its own last token
+    seqs[3].proposal = Proposal([7], t.ones(1, 10) / 10)  # a draft's q: not padded
     pad_proposals(seqs, [3, 3, 3, 3])
-    assert [s.spec_token_ids for s in seqs] == [[7, 8, 9], [7, 7, 7], [7, 7, 7], [7]]
+    assert [s.proposal.tokens for s in seqs] == [[7, 8, 9], [7, 7, 7], [7, 7, 7], [7]]
     short = Request("x", None, [3, 4], SamplingParams(), ()).seqs[0]
-    short.spec_token_ids = [6]
+    short.proposal = Proposal([6], None)
     pad_proposals([seqs[0], short], [3, 2])  # room 2 < 3: left as it is
-    assert short.spec_token_ids == [6]
+    assert short.proposal.tokens == [6]
 
 
 def test_long_context_decode_is_left_to_the_split_kv_kernel(make_checkpoint):

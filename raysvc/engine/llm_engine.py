@@ -63,11 +63,18 @@ class LLMEngine:
             max_len = mc.sliding_window
 
         model = load_model(model_path, mc, self.dtype, self.device, max_len)
+        backend = make_backend(config.attention_backend, self.device)
+        # The torch twins attend in float32 on a CPU; a pool kept in float32 there is read
+        # as it is, where a bf16 pool is gathered and then converted, a second copy of
+        # every K/V block each step. The values stored are the model's (exact in float32):
+        # outputs are unchanged.
+        kv_dtype = torch.float32 if backend.name == "torch" and self.device.type == "cpu" \
+            else self.dtype
         # Room for the step's activations: logits of every sequence plus hidden states.
         reserve = config.max_num_batched_tokens * mc.hidden_size * 64 + \
             config.max_num_seqs * mc.vocab_size * 8
         num_blocks = plan_num_blocks(
-            mc, self.dtype, self.device, config.block_size, config.num_kv_blocks,
+            mc, kv_dtype, self.device, config.block_size, config.num_kv_blocks,
             config.kv_cache_memory_bytes, config.gpu_memory_utilization, reserve,
         )
         if num_blocks * config.block_size < max_len:
@@ -76,13 +83,12 @@ class LLMEngine:
             max_len = num_blocks * config.block_size
         self.max_model_len = max_len
 
-        kv_cache = KVCache(mc, num_blocks, config.block_size, self.dtype, self.device)
+        kv_cache = KVCache(mc, num_blocks, config.block_size, kv_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, kv_cache, make_backend(config.attention_backend,
-                                                                self.device))
+        self.runner = ModelRunner(model, kv_cache, backend)
         if self.runner.backend.name == "triton" and self.device.type == "cuda":
             warm_up(self.runner, self.block_manager,
                     min(config.max_num_batched_tokens, self.max_model_len))
@@ -246,6 +252,8 @@ class LLMEngine:
         try:
             return self._step()
         finally:
+            if self.spec is not None:
+                self.spec.end_step()
             self.num_steps += 1
             events = self.block_manager.drain_events()
             if events:
@@ -265,14 +273,14 @@ class LLMEngine:
         plan = step.logits
         # grammar masks: filled on a host thread while the forward pass runs
         masks = [(row, s.matcher, []) for s, row in plan.sampling if s.matcher is not None]
-        masks += [(row, s.matcher, s.spec_token_ids) for s, row in plan.speculating
-                  if s.matcher is not None]
+        masks += [(row, item.seq.matcher, item.spec_token_ids) for item, row in plan.speculating
+                  if item.seq.matcher is not None]
         filled = self.grammars.fill(len(plan.indices), masks) if masks else None
         logits = self.runner.execute(step)
         if filled is not None:
             self.grammars.apply(logits, filled)
         for item in batch.scheduled:
-            if not item.seq.spec_token_ids:
+            if not item.num_spec:
                 item.seq.num_computed_tokens += item.num_tokens
                 self.block_manager.cache_full_blocks(item.seq)
         self.num_computed_tokens += batch.num_tokens
@@ -296,13 +304,13 @@ class LLMEngine:
         # the forward pass belongs to the step, not to verification: if nothing was sampled
         # (which waits for the logits), wait for it here
         verify_start = self._now() if plan.speculating and not seqs else time.perf_counter()
-        for seq, row in plan.speculating:
-            k = len(seq.spec_token_ids)
-            rows = logits[row: row + k + 1]
+        for item, row in plan.speculating:
+            seq = item.seq
+            rows = logits[row: row + item.num_spec + 1]
             if seq.request.params.needs_processing:
                 rows = rows.float().clone()
                 process(rows, seq)
-            tokens = self.spec.verify(seq, rows, self.sampler)
+            tokens = self.spec.verify(seq, item.num_spec, rows, self.sampler)
             # KV is valid for the last known token and the accepted proposals only
             seq.num_computed_tokens += len(tokens)
             self.block_manager.truncate(seq)

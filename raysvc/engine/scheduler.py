@@ -34,7 +34,12 @@ from raysvc.engine.sequence import Request, Sequence, SequenceStatus
 @dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
-    num_tokens: int  # new tokens computed for it this step
+    num_tokens: int  # new tokens computed for it this step, its proposals included
+    num_spec: int = 0  # of those, speculative proposals (the first num_spec of seq.proposal)
+
+    @property
+    def spec_token_ids(self) -> list[int]:
+        return self.seq.proposal.tokens[: self.num_spec] if self.num_spec else []
 
 
 @dataclass(slots=True)
@@ -75,18 +80,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            copies = None
-            if seq.spec_token_ids:
-                spec = seq.spec_token_ids[: budget - n]
-                if spec:
-                    copies = self.block_manager.allocate_slots(seq, n, len(spec))
+            copies, num_spec = None, 0
+            if seq.proposal is not None:
+                num_spec = min(len(seq.proposal.tokens), budget - n)
+                if num_spec:
+                    copies = self.block_manager.allocate_slots(seq, n, num_spec)
                 if copies is None:
-                    seq.spec_token_ids, seq.spec_probs = [], None
-                else:
-                    seq.spec_token_ids = spec
-                    if seq.spec_probs is not None:
-                        seq.spec_probs = seq.spec_probs[: len(spec)]
-                    n += len(spec)
+                    num_spec = 0
             while copies is None:
                 copies = self.block_manager.allocate_slots(seq, n)
                 if copies is None:
@@ -97,8 +97,8 @@ class Scheduler:
                         break
             if copies is not None:
                 out.block_copies += copies
-                out.scheduled.append(ScheduledSeq(seq, n))
-                budget -= n
+                out.scheduled.append(ScheduledSeq(seq, n + num_spec, num_spec))
+                budget -= n + num_spec
                 i += 1
 
         while self.waiting and budget > 0 and not preempted:
@@ -127,8 +127,6 @@ class Scheduler:
         """Drop the sequence's KV; it recomputes prompt + outputs when readmitted."""
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
-        seq.spec_token_ids = []
-        seq.spec_probs = None
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

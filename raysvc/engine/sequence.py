@@ -14,6 +14,7 @@ import torch
 
 from raysvc.engine.outputs import Logprob
 from raysvc.engine.sampling_params import SamplingParams
+from raysvc.engine.spec.proposal import Proposal
 
 _seq_ids = itertools.count()
 
@@ -67,9 +68,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks, as known
         self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
-        # speculative decoding: this step's proposals, verified after the forward pass
-        self.spec_token_ids: list[int] = []
-        self.spec_probs: torch.Tensor | None = None  # [k, vocab]; None = one-hot proposals
+        # speculative decoding: this step's proposals, set and cleared by the speculative
+        # decoder alone (the scheduler only chooses how many of them it runs)
+        self.proposal: Proposal | None = None
         self.matcher = None  # where this sample stands in the request's grammar
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from raysvc.engine.scheduler import SchedulerOutput
+from raysvc.engine.scheduler import ScheduledSeq, SchedulerOutput
 from raysvc.engine.sequence import Request, Sequence
 
 
@@ -32,7 +32,7 @@ class LogitsPlan:
 
     indices: list[int] = field(default_factory=list)  # flat-batch rows, increasing
     sampling: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, its row)
-    speculating: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, first row)
+    speculating: list[tuple[ScheduledSeq, int]] = field(default_factory=list)  # first row
     prompt_rows: list[tuple[Request, int, int]] = field(default_factory=list)
     # (request, prompt position, row): position i's logits score prompt token i + 1
 
@@ -52,9 +52,9 @@ def plan_logits(batch: SchedulerOutput) -> LogitsPlan:
             for pos in range(first, min(start + item.num_tokens, seq.num_prompt_tokens - 1)):
                 plan.prompt_rows.append((seq.request, pos, len(plan.indices)))
                 plan.indices.append(end - item.num_tokens + pos - start)
-        if seq.spec_token_ids:
-            plan.speculating.append((seq, len(plan.indices)))
-            plan.indices += range(end - len(seq.spec_token_ids) - 1, end)
+        if item.num_spec:
+            plan.speculating.append((item, len(plan.indices)))
+            plan.indices += range(end - item.num_spec - 1, end)
         elif seq.num_computed_tokens + item.num_tokens == seq.num_tokens:
             plan.sampling.append((seq, len(plan.indices)))
             plan.indices.append(end - 1)
@@ -136,11 +136,11 @@ class StepBuilder:
             start = seq.num_computed_tokens
             known = min(start + q, seq.num_tokens)
             if q == 1:
-                ids[t] = seq.token_ids[start] if known > start else seq.spec_token_ids[0]
+                ids[t] = seq.token_ids[start]
             else:
                 ids[t: t + known - start] = seq.token_ids[start:known]
                 if known < start + q:  # speculative proposals ride after the known tokens
-                    ids[t + known - start: t + q] = seq.spec_token_ids[: start + q - known]
+                    ids[t + known - start: t + q] = item.spec_token_ids
             starts[i] = start
             seq_lens[i] = start + q
             table = seq.block_table

@@ -16,6 +16,7 @@ from raysvc.engine.sampler import Sampler
 from raysvc.engine.sequence import Sequence, SequenceStatus
 from raysvc.engine.spec.config import SpeculativeConfig
 from raysvc.engine.spec.controller import PROBE_SEQS, SpecController
+from raysvc.engine.spec.proposal import Proposal
 from raysvc.engine.spec.rejection import verify_greedy, verify_sampled
 
 
@@ -34,12 +35,13 @@ def pad_proposals(seqs: list[Sequence], ks: list[int]) -> None:
     proposal, so the output distribution is unchanged; a guess that happens to be right
     is a free token. Sequences whose proposals carry draft probabilities are not padded
     (their pads would need a q), nor does padding reach past a sequence's room."""
-    k = max((len(s.spec_token_ids) for s in seqs), default=0)
+    k = max((len(s.proposal.tokens) for s in seqs if s.proposal is not None), default=0)
     for seq, room in zip(seqs, ks, strict=True):
-        have = len(seq.spec_token_ids)
-        if have < k <= room and seq.spec_probs is None:
-            last = seq.spec_token_ids[-1] if have else seq.token_ids[-1]
-            seq.spec_token_ids = seq.spec_token_ids + [last] * (k - have)
+        proposal = seq.proposal or Proposal([], None)
+        have = len(proposal.tokens)
+        if have < k <= room and proposal.probs is None:
+            last = proposal.tokens[-1] if have else seq.token_ids[-1]
+            seq.proposal = Proposal(proposal.tokens + [last] * (k - have), None)
 
 
 class SpeculativeDecoder:
@@ -57,9 +59,11 @@ class SpeculativeDecoder:
         # tokens: then probes take every sequence, and short proposals are padded (set
         # by the engine once it has captured graphs).
         self.uniform = False
+        self._proposed: list[Sequence] = []  # the sequences given proposals this step
 
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
-        """Attach proposals (seq.spec_token_ids / seq.spec_probs) to eligible sequences."""
+        """Attach proposals (`seq.proposal`) to eligible sequences; they live one step:
+        `verify` or `end_step` takes them away."""
         seqs = [s for s in running if eligible(s)]
         other = len(running) - len(seqs)
         k = self.controller.choose_k(len(seqs), other)
@@ -82,21 +86,23 @@ class SpeculativeDecoder:
         self.controller.draft.observe(len(seqs), (time.perf_counter() - start) / max(ks))
         for seq, proposal in zip(seqs, proposals, strict=True):
             if proposal is not None and proposal.tokens:
-                seq.spec_token_ids = proposal.tokens
-                seq.spec_probs = proposal.probs
+                seq.proposal = proposal
+        self._proposed = seqs
         if self.uniform:
             pad_proposals(seqs, ks)
 
-    def verify(self, seq: Sequence, logits: torch.Tensor, sampler: Sampler) -> list[int]:
-        """logits: [k + 1, vocab] at the positions of the last token and the k proposals.
-        Returns the accepted proposals plus one recovered or bonus token."""
-        draft = seq.spec_token_ids
+    def verify(self, seq: Sequence, k: int, logits: torch.Tensor, sampler: Sampler) -> list[int]:
+        """Verify the first k proposals the step ran. logits: [k + 1, vocab] at the
+        positions of the last token and the k proposals. Returns the accepted proposals plus
+        one recovered or bonus token."""
+        draft = seq.proposal.tokens[:k]
+        probs = seq.proposal.probs[:k] if seq.proposal.probs is not None else None
         params = seq.request.params
         if params.greedy:
             tokens = verify_greedy(logits, draft)
         else:
             p = sampler.probabilities(logits, [params] * logits.shape[0])
-            tokens = verify_sampled(p, draft, seq.spec_probs, seq.generator)
+            tokens = verify_sampled(p, draft, probs, seq.generator)
         accepted = len(tokens) - 1
         self.draft_tokens += len(draft)
         self.accepted_tokens += accepted
@@ -105,9 +111,15 @@ class SpeculativeDecoder:
             self.drafted_per_position[i] += 1
             self.accepted_per_position[i] += i < accepted
         self.controller.observe_verification(len(draft), accepted)
-        seq.spec_token_ids = []
-        seq.spec_probs = None
+        seq.proposal = None
         return tokens
+
+    def end_step(self) -> None:
+        """Proposals the step did not verify (no room in the budget or the pool, or their
+        sequence was preempted) are dropped: the next step proposes afresh."""
+        for seq in self._proposed:
+            seq.proposal = None
+        self._proposed = []
 
     def observe_step(self, num_tokens: int, seconds: float, num_verified: int,
                      verify_seconds: float) -> None:
