@@ -117,11 +117,20 @@ class Router:
         self._closing = False
         self._owner_token: str | None = None
         self.restarted = names is not None and was_restarted()
+        self._rebuilding: asyncio.Task | None = None
         if self.restarted and worker_spec is not None:  # rebuild from the workers, now
             import ray
 
             me = ray.get_runtime_context().current_actor
             me.start_workers.remote(min_workers)
+
+    def _ensure_rebuilding(self) -> None:
+        """A restarted router rebuilds itself at once (the call to itself above); should
+        that call be lost with the node it was sent from, the next call to this router
+        starts the rebuild instead."""
+        if self.restarted and self.pool is None and self._pool_args[0] is not None and \
+                self._rebuilding is None:
+            self._rebuilding = asyncio.create_task(self.start_workers(self._pool_args[1]))
 
     # -- the elastic pool --------------------------------------------------------------
 
@@ -341,6 +350,7 @@ class Router:
         if self._closing and not retry:
             raise ShuttingDown("the service is shutting down; retry on another replica")
         if not self._started.is_set():  # rebuilding after a restart: wait for the workers
+            self._ensure_rebuilding()
             try:
                 await asyncio.wait_for(self._started.wait(), self.recovery_wait_s)
             except asyncio.TimeoutError:
@@ -529,6 +539,7 @@ class Router:
                 self.remove_worker(worker.info.worker_id)
 
     async def stats(self) -> dict[str, Any]:
+        self._ensure_rebuilding()
         await self.refresh()
         n = len(self._workers)
         out = {
