@@ -64,17 +64,11 @@ class LLMEngine:
 
         model = load_model(model_path, mc, self.dtype, self.device, max_len)
         backend = make_backend(config.attention_backend, self.device)
-        # The torch twins attend in float32 on a CPU; a pool kept in float32 there is read
-        # as it is, where a bf16 pool is gathered and then converted, a second copy of
-        # every K/V block each step. The values stored are the model's (exact in float32):
-        # outputs are unchanged.
-        kv_dtype = torch.float32 if backend.name == "torch" and self.device.type == "cpu" \
-            else self.dtype
         # Room for the step's activations: logits of every sequence plus hidden states.
         reserve = config.max_num_batched_tokens * mc.hidden_size * 64 + \
             config.max_num_seqs * mc.vocab_size * 8
         num_blocks = plan_num_blocks(
-            mc, kv_dtype, self.device, config.block_size, config.num_kv_blocks,
+            mc, self.dtype, self.device, config.block_size, config.num_kv_blocks,
             config.kv_cache_memory_bytes, config.gpu_memory_utilization, reserve,
         )
         if num_blocks * config.block_size < max_len:
@@ -83,7 +77,7 @@ class LLMEngine:
             max_len = num_blocks * config.block_size
         self.max_model_len = max_len
 
-        kv_cache = KVCache(mc, num_blocks, config.block_size, kv_dtype, self.device)
+        kv_cache = KVCache(mc, num_blocks, config.block_size, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
