@@ -435,8 +435,10 @@ def test_tool_choice_required_and_named_give_calls_that_validate(client):
         model="tiny", messages=ask, tools=FORCED_TOOLS, max_tokens=60, temperature=0,
         tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True))
     deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
-    assert deltas and deltas[0].function.name == "get_weather"
-    args = "".join(d.function.arguments or "" for d in deltas)
+    assert deltas and deltas[0].function.name == "get_weather" and deltas[0].id
+    assert len(deltas) > 3 and all(d.index == 0 and d.id is None for d in deltas[1:])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    args = "".join(d.function.arguments or "" for d in deltas)  # fragments, as OpenAI
     _validate_call(type("Call", (), {"function": type("F", (), {
         "name": "get_weather", "arguments": args})})())
     assert not any(c.choices[0].delta.content for c in chunks if c.choices)

@@ -219,7 +219,21 @@ def chat_chunk(request_id: str, model: str, created: int, gen: Generation, moved
         logprobs = cursor.chat(index, sample)
         calls: list[DeltaToolCall] = []
         finish = sample.finish_reason
-        if tool_streams is not None:  # content as it comes; a call once it is complete
+        if tool_streams is not None and tool_streams[index].named is not None:
+            # a named function's answer is its arguments: they stream as they come
+            stream, fragment, text = tool_streams[index], text, ""
+            if fragment and not stream.calls:
+                first = tool_parsers.Call(stream.named, fragment)
+                stream.calls.append(first)
+                calls = [DeltaToolCall(index=0, id=first.id(request_id, index, 0),
+                                       type="function",
+                                       function=DeltaFunction(name=first.name,
+                                                              arguments=fragment))]
+            elif fragment:
+                calls = [DeltaToolCall(index=0, function=DeltaFunction(arguments=fragment))]
+            if sample.finished and stream.calls:
+                finish = "tool_calls"
+        elif tool_streams is not None:  # content as it comes; a call once it is complete
             stream = tool_streams[index]
             before = len(stream.calls)
             text, done = stream.feed(text)

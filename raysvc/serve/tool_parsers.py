@@ -12,7 +12,8 @@ A forced choice is read the same way, its text held to a grammar (serve/planner.
 - "named:<function>": the whole answer is that function's arguments.
 `parse` turns a finished text into (content, calls); `ToolStream` does it for a stream:
 text that cannot be part of a call goes out as content at once, a call goes out as a
-`delta.tool_calls` entry (its name, then its arguments) as soon as it is complete.
+`delta.tool_calls` entry (its name, then its arguments) as soon as it is complete; a named
+function's arguments go out in fragments as they are generated, as OpenAI streams them.
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ class ToolStream:
         self.in_call = False
         self.seen_text = False  # llama3_json: a call must open the answer
         self.calls: list[Call] = []
+        # a named function (forced): the answer is its arguments, streamed as fragments
+        self.named = parser[len("named:"):] if parser.startswith("named:") else None
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
         """(content that is safe to send now, calls completed by this text)."""
