@@ -6,6 +6,7 @@ loaded by HF (the oracle) and by raysvc (under test).
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import torch
@@ -113,3 +114,18 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
                          dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def queue_channel(queue: asyncio.Queue):
+    """A fake worker channel as a client reads it: an async iterator of awaitables over
+    what is put in `queue` (an exception put there is raised)."""
+    async def items():
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(item)
+            yield fut
+
+    return items()

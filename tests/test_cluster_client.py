@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+from conftest import queue_channel
 from ray.exceptions import ActorDiedError
 
 from raysvc.cluster.client import ClusterClient
@@ -33,18 +34,7 @@ class Worker:
         self.open_channel = self
 
     def remote(self, channel_id):
-        queue = self.queues.setdefault(channel_id, asyncio.Queue())
-
-        async def items():
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                fut = asyncio.get_running_loop().create_future()
-                fut.set_result(item)
-                yield fut
-
-        return items()
+        return queue_channel(self.queues.setdefault(channel_id, asyncio.Queue()))
 
     async def _submit(self, channel_id, request_id, prompt, params):
         self.submitted.append((request_id, list(prompt), dict(params)))

@@ -14,6 +14,7 @@ import time
 
 import aiohttp
 import pytest
+from conftest import queue_channel
 from ray.exceptions import ActorDiedError
 
 from raysvc.cluster.messages import NoWorkers, Overloaded, SeqDelta, StreamChunk, Ticket
@@ -40,18 +41,7 @@ class FakeWorker:
         self.open_channel = self  # .remote(channel_id) -> async iterator of awaitables
 
     def remote(self, channel_id):
-        queue = self.channels.setdefault(channel_id, asyncio.Queue())
-
-        async def items():
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                fut = asyncio.get_running_loop().create_future()
-                fut.set_result(item)
-                yield fut
-
-        return items()
+        return queue_channel(self.channels.setdefault(channel_id, asyncio.Queue()))
 
     async def _submit(self, channel_id, request_id, prompt, params):
         queue = self.channels.setdefault(channel_id, asyncio.Queue())
