@@ -100,4 +100,5 @@ def test_n_samples_continue_one_by_one_after_their_worker_died():
         assert rid.startswith(f"r.s{index}/")
         assert sent_prompt == prompt + tokens[index][:3]  # 3 chunks arrived before the death
         assert p["max_tokens"] == 5 and p["seed"] == 10 + index
+        assert p["continued_output_tokens"] == 3
         assert tokens[index][3:] == [100 * 1 + len(sent_prompt) + s for s in range(5)]

@@ -198,3 +198,27 @@ def test_host_masking_equals_xgrammars_kernel(dtype):
         xgr.apply_token_bitmask_inplace(expected, bitmask, vocab_size=4000, indices=indices)
         _mask_on_host(logits, bitmask, indices, 4000)
         assert torch.equal(logits, expected)
+
+
+def test_a_continuation_resumes_the_grammar_where_the_output_stopped(llm):
+    """Failover and hand-over continue a request with prompt + output so far: its grammar
+    must resume after that output (a fresh one would start a second JSON value)."""
+    schema = SCHEMAS[8]
+    constraint = {"json": schema}
+    tok = llm.engine.tokenizer
+    prompt = tok.encode(PROMPTS[1])
+    full = llm.generate(prompt, SamplingParams(max_tokens=100, temperature=0,
+                                               structured_outputs=constraint))[0].outputs[0]
+    cut = 7
+    head = full.token_ids[:cut]
+    rest = llm.generate(prompt + head, SamplingParams(
+        max_tokens=100 - cut, temperature=0, structured_outputs=constraint,
+        continued_output_tokens=cut))[0].outputs[0]
+    assert head + rest.token_ids == full.token_ids
+    jsonschema.validate(json.loads(tok.decode(head + rest.token_ids, skip_special_tokens=True)),
+                        schema)
+    with pytest.raises(ValueError, match="continued_output_tokens"):
+        llm.engine.add_request("bad", prompt + tok.encode("]]", add_special_tokens=False),
+                               SamplingParams(structured_outputs=constraint,
+                                              continued_output_tokens=2))
+    assert_no_leaks(llm.engine)

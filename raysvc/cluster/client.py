@@ -16,7 +16,8 @@ often from the new worker's prefix cache). A request of n > 1 samples that alrea
 produced output continues as one n = 1 request per unfinished sample (their outputs
 diverged), merged back under the samples' indices. Limits: a seeded sampled stream
 restarts its generator, so it continues validly but not bit-identically; penalties that
-count only output tokens (presence, frequency) see the earlier output as prompt.
+count only output tokens (presence, frequency) see the earlier output as prompt; a
+structured output's grammar resumes after the earlier output (`continued_output_tokens`).
 
 A draining worker past its deadline hands its requests over (`StreamChunk.handed_over`):
 the same continuation, without reporting the worker as failed or counting an attempt.
@@ -125,6 +126,9 @@ def _continued(params: dict[str, Any], num_generated: int) -> dict[str, Any]:
         return params
     return {**params, "max_tokens": int(params.get("max_tokens", 16)) - num_generated,
             "min_tokens": max(int(params.get("min_tokens", 0)) - num_generated, 0),
+            # a grammar resumes where the output stopped, not at its start
+            "continued_output_tokens": int(params.get("continued_output_tokens", 0))
+            + num_generated,
             "prompt_logprobs": None}  # the caller has the prompt's already
 
 

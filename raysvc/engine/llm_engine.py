@@ -132,7 +132,12 @@ class LLMEngine:
             request.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         if grammar is not None:
             request.grammar = grammar
-            request.seqs[0].matcher = self.grammars.matcher(grammar)
+            matcher = request.seqs[0].matcher = self.grammars.matcher(grammar)
+            done = params.continued_output_tokens
+            if done > len(token_ids) - 1 or not all(
+                    matcher.accept_token(t) for t in token_ids[len(token_ids) - done:]):
+                raise ValueError("continued_output_tokens: the prompt's last "
+                                 f"{done} tokens are not a start of its structured output")
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
         self.num_prompt_tokens += len(token_ids)

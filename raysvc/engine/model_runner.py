@@ -52,6 +52,7 @@ class ModelRunner:
         indices = step.logits.indices
         if step.query_len is not None:
             logits = self.graphs.execute(step)
+            self.builder.copies_issued()
             every_row = len(indices) == logits.shape[0] and (not indices or indices[0] == 0)
             return logits if every_row else logits[indices]  # indices are increasing
         if step.batch.block_copies:
@@ -67,6 +68,7 @@ class ModelRunner:
         in two host-to-device copies (none on CPU: the host buffers are the inputs)."""
         tokens = step.tokens.to(self.device, non_blocking=True)
         ints = step.ints.to(self.device, non_blocking=True)
+        self.builder.copies_issued()
         rows, width = step.num_rows, step.width
         meta = AttentionMetadata(
             slot_mapping=tokens[2],

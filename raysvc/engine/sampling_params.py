@@ -50,6 +50,9 @@ class SamplingParams(BaseModel):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] = Field(default_factory=list)
     structured_outputs: StructuredOutputsParams | None = None
+    # The prompt's last N tokens are this request's own earlier output (a failover or
+    # hand-over continuation): its grammar resumes after them instead of starting anew.
+    continued_output_tokens: int = Field(0, ge=0)
 
     @field_validator("logit_bias")
     @classmethod

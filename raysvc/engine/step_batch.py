@@ -10,9 +10,10 @@ model inputs.
 Its host arrays are persistent (numpy over pinned memory on CUDA) and grow only when a
 step is larger than any before, so a step allocates nothing on the host and reaches the
 device in two copies (one int64, one int32). Positions and slots are computed with numpy
-from each sequence's start, not per token in Python. A step is built while the previous
-one's copies are done (its sampling read the logits back), so one set of buffers is
-enough.
+from each sequence's start, not per token in Python. The copies from pinned memory are
+asynchronous: whoever issues them calls `copies_issued`, and the next build waits for them
+before it writes the buffers again (a step that samples nothing, such as a prefill chunk,
+does not otherwise wait for the device).
 """
 
 from __future__ import annotations
@@ -102,6 +103,14 @@ class StepBuilder:
         self.pin_memory = pin_memory
         self._tokens = self._alloc((3, 0), torch.long)
         self._ints = self._alloc((0,), torch.int32)
+        self._copied: torch.cuda.Event | None = None  # the last step's copies, once issued
+
+    def copies_issued(self) -> None:
+        """The step's buffers are being copied to the device (asynchronously from pinned
+        memory): the next build waits for that before writing them."""
+        if self.pin_memory:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
 
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
@@ -109,6 +118,9 @@ class StepBuilder:
     def build(self, batch: SchedulerOutput, logits: LogitsPlan,
               pad_to: int | None = None) -> StepBatch:
         """`pad_to`: the graph batch size to pad a uniform step to (None: eager, no pad)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
         items = batch.scheduled
         b = len(items)
         q_lens = [item.num_tokens for item in items]
