@@ -203,6 +203,59 @@ def test_disconnect_aborts_on_worker_and_releases_ticket(tokenizer, stream):
         stop()
 
 
+def test_a_receive_cancelled_by_serve_is_a_disconnect(tokenizer):
+    """Serve's replica reads a request's messages from its proxy by an actor call; on a
+    hang-up the proxy may cancel that call, and Serve raises its TaskCancelledError from
+    `receive()` once, then blocks. The stream must end as on a disconnect: the app returns
+    without an exception (no traceback in Serve's log), the worker aborts, the ticket is
+    released."""
+    from ray.exceptions import TaskCancelledError
+
+    from raysvc.cluster.client import ClusterClient
+    from raysvc.serve.handler import OpenAIHandler
+    from raysvc.serve.http_api import build_api
+    from raysvc.serve.planner import ModelFacts
+
+    worker = FakeWorker(tokens=list(range(5, 105)), delay=0.02)
+    router = FakeRouter([worker])
+    app = build_api(OpenAIHandler(tokenizer, ModelFacts("m", 256, 512), ClusterClient(router),
+                                  disconnect_poll_s=0.05))
+    body = json.dumps({**BODY, "max_tokens": 100, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions",
+             "raw_path": b"/v1/completions", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    calls = 0
+    sent: list[dict] = []
+
+    async def receive():
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        if calls == 2:
+            await asyncio.sleep(0.2)  # a few chunks out, then the client hangs up
+            raise TaskCancelledError()
+        await asyncio.Event().wait()  # Serve's proxy after an error: nothing ever again
+
+    async def send(message):
+        sent.append(message)
+
+    async def main():
+        await asyncio.wait_for(app(scope, receive, send), timeout=10)
+        deadline = time.monotonic() + 5
+        while not (worker.aborted and router.released) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    chunks = [m for m in sent if m["type"] == "http.response.body" and m.get("body")]
+    assert 0 < len(chunks) < 100  # it streamed, and stopped early
+    assert len(worker.aborted) == 1 and worker.aborted[0] == router.released[0]
+
+
 def test_metrics_pages_merge_per_family():
     from raysvc.serve.metrics_page import merge
 

@@ -39,10 +39,44 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+class CancelledReceiveIsDisconnect:
+    """ASGI middleware: a receive that Ray cancelled reads as the client's disconnect.
+
+    Serve's replica fetches a request's ASGI messages from its proxy with an actor call.
+    When the client hangs up, the proxy may cancel that call before it sends
+    `http.disconnect`; Serve then raises the TaskCancelledError from `receive()` once and
+    blocks on every later call. A stream's disconnect listener would let it escape as a
+    traceback in the logs. A cancelled receive means the request is gone, so it is
+    answered — now and on every later call — with the disconnect it stands for.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from ray.exceptions import TaskCancelledError
+
+        gone = False
+
+        async def receive_or_disconnect():
+            nonlocal gone
+            if not gone:
+                try:
+                    return await receive()
+                except TaskCancelledError:
+                    gone = True
+            return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_or_disconnect, send)
+
+
 def build_api(server: OpenAIHandler, allowed_origins: list[str] | None = None) -> FastAPI:
     from fastapi.middleware.cors import CORSMiddleware
 
     app = FastAPI(title="raysvc", description="OpenAI-compatible LLM serving on Ray Serve")
+    app.add_middleware(CancelledReceiveIsDisconnect)
     # CORS as vLLM's defaults: any origin, method and header, no credentials
     app.add_middleware(CORSMiddleware, allow_origins=allowed_origins or ["*"],
                        allow_methods=["*"], allow_headers=["*"], allow_credentials=False)
