@@ -15,7 +15,7 @@ vLLM's unified Triton attention:
   every row sees in full skip the causal mask. No score matrix is materialised.
 
 Decode batches with few, long sequences go to the split-KV kernel instead
-(`kernels.triton_decode`), which spreads one sequence over many programs.
+(`raysvc_kernels.triton_decode`), which spreads one sequence over many programs.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import (
+from raysvc_kernels.triton_common import (
     check_attention_args,
     dot_precision,
     is_interpreted,
@@ -35,8 +35,8 @@ from kernels.triton_common import (
     padded_head_dim,
     sm_count,
 )
-from kernels.triton_decode import choose_num_splits, launch_split_kv, split_kv_worthwhile
-from kernels.triton_tile import attend_tile
+from raysvc_kernels.triton_decode import choose_num_splits, launch_split_kv, split_kv_worthwhile
+from raysvc_kernels.triton_tile import attend_tile
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +59,7 @@ def unified_config(
     out). K/V tiles of 64 keys x 3 pipeline stages fit shared memory for 16-bit
     head_dim <= 128; wider heads halve the tile and the stages. fp32 dots run exactly
     ("ieee") on CUDA cores with both operands in registers, so fp32 gets small tiles.
-    Checked for spills with `python -m kernels.triton_compile_check`.
+    Checked for spills with `python -m raysvc_kernels.triton_compile_check`.
     """
     d_pad = padded_head_dim(head_dim)
     group = next_pow2(gqa)  # a program holds at least one whole head group

@@ -1,6 +1,6 @@
 """Compile the Triton kernels for a GPU that is not here, and report their resource use.
 
-    python -m kernels.triton_compile_check [--arch 90]
+    python -m raysvc_kernels.triton_compile_check [--arch 90]
 
 The interpreter (CPU tests) runs the kernels as numpy, so it never sees the real
 compiler: a construct it accepts may not compile, and a tile config may spill registers
@@ -24,8 +24,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import triton_attention, triton_decode, triton_store
-from kernels.triton_common import next_pow2, padded_head_dim
+from raysvc_kernels import triton_attention, triton_decode, triton_store
+from raysvc_kernels.triton_common import next_pow2, padded_head_dim
 
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Ints a launch does not see as multiples of 16 (everything else: pointers, strides, is).

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import (
+from raysvc_kernels.triton_common import (
     check_attention_args,
     dot_precision,
     is_interpreted,
@@ -30,7 +30,7 @@ from kernels.triton_common import (
     padded_head_dim,
     sm_count,
 )
-from kernels.triton_tile import attend_tile
+from raysvc_kernels.triton_tile import attend_tile
 
 # Below this many keys per split the merge and launch overheads outweigh the parallelism.
 MIN_TOKENS_PER_SPLIT = 256

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import check_pool, last_dim_contiguous, next_pow2
+from raysvc_kernels.triton_common import check_pool, last_dim_contiguous, next_pow2
 
 
 @triton.jit

@@ -204,7 +204,7 @@ def test_pad_proposals_makes_verification_uniform_within_room():
 def test_long_context_decode_is_left_to_the_split_kv_kernel(make_checkpoint):
     """With `split_aware` (on CUDA), a decode batch the eager path would split (few
     sequences, long context) runs eagerly; short contexts and larger batches replay."""
-    from kernels.triton_attention import decode_num_splits
+    from raysvc_kernels.triton_attention import decode_num_splits
 
     path, _ = make_checkpoint("llama")
     engine = LLMEngine(EngineConfig(model=path, dtype="float32", num_kv_blocks=8))

@@ -22,9 +22,8 @@ from types import ModuleType
 import pytest
 import torch
 
-import kernels
-from kernels import torch_ref
-from kernels.triton_common import is_interpreted
+from raysvc_kernels import ops, torch_ref
+from raysvc_kernels.triton_common import is_interpreted
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -35,13 +34,13 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def _import_triton_modules() -> tuple[ModuleType, ...]:
     names = ("triton_tile", "triton_decode", "triton_store", "triton_attention")
     if CUDA:
-        return tuple(importlib.import_module(f"kernels.{n}") for n in names)
+        return tuple(importlib.import_module(f"raysvc_kernels.{n}") for n in names)
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         mods = []
         for n in names:
-            mod = importlib.import_module(f"kernels.{n}")
+            mod = importlib.import_module(f"raysvc_kernels.{n}")
             kernel = next(v for k, v in vars(mod).items() if k.endswith("_kernel") or
                           k == "attend_tile")
             if not is_interpreted(kernel):  # imported earlier without the interpreter
@@ -185,8 +184,9 @@ def test_interpreter_took_effect() -> None:
 
 def test_import_kernels_needs_no_triton() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import sys, kernels; "
-            "assert not any(m.startswith('kernels.triton') for m in sys.modules), sys.modules")
+    code = ("import sys, raysvc_kernels.ops, raysvc_kernels.torch_ref; "
+            "assert not any(m.startswith('raysvc_kernels.triton') for m in sys.modules), "
+            "sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
@@ -194,7 +194,7 @@ def test_kernels_compile_for_hopper() -> None:
     """The interpreter never runs Triton's compiler: build the common configs for sm_90
     (no GPU needed) and require no register spills."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "kernels.triton_compile_check", "--quick"],
+    run = subprocess.run([sys.executable, "-m", "raysvc_kernels.triton_compile_check", "--quick"],
                          env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert run.stdout.count("'spill_bytes': 0") == 5, run.stdout
@@ -228,10 +228,10 @@ def test_store_kv(dtype: torch.dtype) -> None:
     slots = torch.tensor([5, -1, 47, 8, -1, 30, 0], dtype=torch.int32, device=DEVICE)
     want_k, want_v = k_cache.clone(), v_cache.clone()
     torch_ref.store_kv(k, v, want_k, want_v, slots)
-    kernels.triton_store_kv(k, v, k_cache, v_cache, slots)
+    ops.triton_store_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
     # int64 slots too
-    kernels.triton_store_kv(k * 2, v * 2, k_cache, v_cache, slots.long())
+    ops.triton_store_kv(k * 2, v * 2, k_cache, v_cache, slots.long())
     torch_ref.store_kv(k * 2, v * 2, want_k, want_v, slots)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
@@ -259,7 +259,7 @@ def test_paged_attention_mixed_batch(gqa: int, head_dim: int, block_size: int,
     """Prefill, chunked prefill on a prefix, verify (q_len 3), decode; partial blocks."""
     b = make_batch([7, 5, 3, 1, 1], [7, 21, 12, 1, 19], num_heads=2 * gqa, num_kv_heads=2,
                    head_dim=head_dim, block_size=block_size, dtype=dtype, seed=gqa + head_dim)
-    out = kernels.triton_paged_attention(*b.args(), out=b.poisoned_out())
+    out = ops.triton_paged_attention(*b.args(), out=b.poisoned_out())
     assert_matches(out, b)
 
 
@@ -276,7 +276,7 @@ def test_random_batches(seed: int) -> None:
     b = make_batch(q_lens, seq_lens, num_heads=gqa * kvh, num_kv_heads=kvh,
                    head_dim=pick([16, 32, 64, 80]), block_size=pick([8, 16, 32]),
                    dtype=pick([torch.float32, torch.float16, torch.bfloat16]), seed=seed)
-    assert_matches(kernels.triton_paged_attention(*b.args(), out=b.poisoned_out()), b)
+    assert_matches(ops.triton_paged_attention(*b.args(), out=b.poisoned_out()), b)
 
 
 def test_many_tiles_and_query_blocks() -> None:
@@ -292,7 +292,7 @@ def test_hints_and_empty_sequence() -> None:
     """Host hints skip the sync; a sequence with no new token writes nothing."""
     b = make_batch([4, 0, 2], [9, 6, 17], num_heads=3, num_kv_heads=1, head_dim=32,
                    block_size=16, dtype=torch.float16, seed=4)
-    out = kernels.triton_paged_attention(*b.args(), out=b.poisoned_out(), max_query_len=4,
+    out = ops.triton_paged_attention(*b.args(), out=b.poisoned_out(), max_query_len=4,
                                          max_seq_len=17)
     assert_matches(out, b)
 
@@ -302,7 +302,7 @@ def test_large_pool_high_block_ids() -> None:
     b = make_batch([3, 1], [20, 13], num_heads=2, num_kv_heads=1, head_dim=8, block_size=8,
                    dtype=torch.float32, num_blocks=40_000, min_block=32_768, seed=5)
     assert int(b.block_tables[:, :2].min()) >= 32_768
-    out = kernels.triton_paged_attention(*b.args(), out=b.poisoned_out())
+    out = ops.triton_paged_attention(*b.args(), out=b.poisoned_out())
     assert_matches(out, b)
 
 
@@ -315,7 +315,7 @@ def test_split_kv_decode(num_splits: int, dtype: torch.dtype) -> None:
     """8 splits of a 9-token context leave empty splits; the merge must ignore them."""
     b = make_batch([1, 1, 1], [70, 9, 33], num_heads=8, num_kv_heads=2, head_dim=80,
                    block_size=16, dtype=dtype, seed=num_splits)
-    out = kernels.triton_paged_decode_split_kv(*b.args(), out=b.poisoned_out(),
+    out = ops.triton_paged_decode_split_kv(*b.args(), out=b.poisoned_out(),
                                                num_splits=num_splits)
     assert_matches(out, b)
 
@@ -336,7 +336,7 @@ def test_paged_attention_routes_long_decode_to_split_kv(
     seen = []
     launch = tattn.launch_split_kv
     monkeypatch.setattr(tattn, "launch_split_kv", lambda *a: seen.append(a[-1]) or launch(*a))
-    out = kernels.triton_paged_attention(*b.args(), out=b.poisoned_out(), max_query_len=1)
+    out = ops.triton_paged_attention(*b.args(), out=b.poisoned_out(), max_query_len=1)
     assert seen == [4]  # 1100 // MIN_TOKENS_PER_SPLIT
     assert_matches(out, b)
 
@@ -365,7 +365,7 @@ def test_gpu_llama_shapes(dtype: torch.dtype, gqa: int) -> None:
     """Llama-like heads, a long prefill, chunked prefill, verify and decodes together."""
     b = make_batch([700, 256, 5, 1, 1, 1], [700, 2304, 1029, 4000, 77, 1], num_heads=8 * gqa,
                    num_kv_heads=8, head_dim=128, block_size=16, dtype=dtype, seed=gqa)
-    out = kernels.triton_paged_attention(*b.args(), out=b.poisoned_out())
+    out = ops.triton_paged_attention(*b.args(), out=b.poisoned_out())
     assert_matches(out, b)
 
 
@@ -376,7 +376,7 @@ def test_gpu_llama_shapes(dtype: torch.dtype, gqa: int) -> None:
 def test_gpu_head_dims(dtype: torch.dtype, head_dim: int, block_size: int) -> None:
     b = make_batch([300, 3, 1], [300, 515, 1000], num_heads=16, num_kv_heads=4,
                    head_dim=head_dim, block_size=block_size, dtype=dtype, seed=head_dim)
-    assert_matches(kernels.triton_paged_attention(*b.args(), out=b.poisoned_out()), b)
+    assert_matches(ops.triton_paged_attention(*b.args(), out=b.poisoned_out()), b)
 
 
 @gpu
@@ -386,10 +386,10 @@ def test_gpu_split_kv(dtype: torch.dtype) -> None:
     b = make_batch([1] * 4, [8000, 3000, 17, 4097], num_heads=32, num_kv_heads=8,
                    head_dim=128, block_size=16, dtype=dtype, seed=11)
     for splits in (None, 1, 7, 64):
-        out = kernels.triton_paged_decode_split_kv(*b.args(), out=b.poisoned_out(),
+        out = ops.triton_paged_decode_split_kv(*b.args(), out=b.poisoned_out(),
                                                    num_splits=splits)
         assert_matches(out, b)
-    assert_matches(kernels.triton_paged_attention(*b.args(), out=b.poisoned_out()), b)
+    assert_matches(ops.triton_paged_attention(*b.args(), out=b.poisoned_out()), b)
 
 
 @gpu
@@ -410,14 +410,14 @@ def test_gpu_pool_beyond_int32_elements() -> None:
     pos = torch.cat([torch.arange(300), torch.arange(333)]).cuda()
     seq = torch.cat([torch.zeros(300), torch.ones(333)]).long().cuda()
     slots = tables[seq, pos // bs].long() * bs + pos % bs
-    kernels.triton_store_kv(k, v, k_cache, v_cache, slots)
+    ops.triton_store_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache.view(-1, kvh, d)[slots], k)
     assert torch.equal(v_cache.view(-1, kvh, d)[slots], v)
     qsl = torch.tensor([0, 1, 2], dtype=torch.int32, device="cuda")
     b = Batch(q, k_cache, v_cache, tables, qsl, seq_lens, d**-0.5)
     want = torch_ref.paged_attention(*b.args())
-    for out in (kernels.triton_paged_attention(*b.args()),
+    for out in (ops.triton_paged_attention(*b.args()),
                 tattn.launch_unified(*b.args(), torch.empty_like(q),
                                      tattn.unified_config(1, 4, d, q.dtype)),
-                kernels.triton_paged_decode_split_kv(*b.args(), num_splits=3)):
+                ops.triton_paged_decode_split_kv(*b.args(), num_splits=3)):
         torch.testing.assert_close(out, want, **TOL[torch.float16])

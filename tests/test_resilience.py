@@ -74,7 +74,7 @@ async def _stream(session, url: str, prompt: str, max_tokens: int = MAX_TOKENS,
                         await asyncio.sleep(read_pause)
                         read_pause = 0.0
         return 200, text
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         return "cut", repr(e)
 
 
@@ -96,7 +96,7 @@ async def _probe(session, url: str, codes: list, stop: asyncio.Event) -> None:
             async with session.post(url + "/v1/completions", json=body,
                                     timeout=aiohttp.ClientTimeout(total=60)) as r:
                 codes.append((time.monotonic(), r.status, r.headers.get("Retry-After")))
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             codes.append((time.monotonic(), type(e).__name__, None))
         await asyncio.sleep(0.25)
 

@@ -346,7 +346,7 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
             try:
                 await s.post(server.url + "/v1/completions", json=body,
                              timeout=aiohttp.ClientTimeout(total=1.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     asyncio.run(streaming())

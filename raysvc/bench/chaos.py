@@ -115,7 +115,7 @@ async def stream(session, url: str, prompt: str, max_tokens: int,
                 if hang_up_after is not None and events >= hang_up_after:
                     return "hung up", 200, text
             return "done", 200, text
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         return "cut", 200, repr(e)
 
 

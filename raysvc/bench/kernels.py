@@ -137,8 +137,9 @@ CORRECTNESS = [  # name, q_lens, seq_lens, heads, kv_heads, head_dim, block_size
 
 def check_case(rep: Report, dtype_name: str, case: tuple) -> None:
     """Auto dispatch, forced unified and (decode) forced split-KV vs the twin on GPU."""
-    from kernels import torch_ref, triton_paged_attention, triton_paged_decode_split_kv
-    from kernels.triton_attention import launch_unified, unified_config
+    from raysvc_kernels import torch_ref
+    from raysvc_kernels.ops import triton_paged_attention, triton_paged_decode_split_kv
+    from raysvc_kernels.triton_attention import launch_unified, unified_config
 
     dtype = DTYPES[dtype_name]
     name, q_lens, seq_lens, h, kvh, d, bs = case
@@ -173,9 +174,9 @@ def check_case(rep: Report, dtype_name: str, case: tuple) -> None:
 def decode_case(rep: Report, pool: tuple[torch.Tensor, torch.Tensor], batch: int, ctx: int,
                 copy_gbs: float, quick: bool) -> None:
     """One (batch, context) decode step: unified kernel and split-KV, bytes moved per second."""
-    from kernels.triton_attention import launch_unified, unified_config
-    from kernels.triton_common import sm_count
-    from kernels.triton_decode import choose_num_splits, launch_split_kv, split_kv_worthwhile
+    from raysvc_kernels.triton_attention import launch_unified, unified_config
+    from raysvc_kernels.triton_common import sm_count
+    from raysvc_kernels.triton_decode import choose_num_splits, launch_split_kv, split_kv_worthwhile
 
     kc, vc = pool
     dtype = kc.dtype
@@ -220,7 +221,7 @@ def prefill_case(rep: Report, dtype: torch.dtype, batch: int, length: int, quick
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.triton_attention import launch_unified, unified_config
+    from raysvc_kernels.triton_attention import launch_unified, unified_config
 
     flops = 2 * HEADS * HEAD_DIM * length**2 * batch  # causal: half of 4*H*D*L^2
     num_blocks = batch * length // BLOCK + 8
@@ -257,8 +258,8 @@ def tune_setup(dtype: torch.dtype, batch: int, q_len: int, ctx: int) -> tuple:
 
 def tune_one(rep: Report, case: str, args: tuple, cfg: object, splits: int | None,
              default: bool, quick: bool) -> None:
-    from kernels.triton_attention import launch_unified
-    from kernels.triton_decode import launch_split_kv
+    from raysvc_kernels.triton_attention import launch_unified
+    from raysvc_kernels.triton_decode import launch_split_kv
 
     if splits is None:
         kernel, fn = "unified", lambda: launch_unified(*args, cfg)
@@ -271,8 +272,8 @@ def tune_one(rep: Report, case: str, args: tuple, cfg: object, splits: int | Non
 
 def tune(rep: Report, dtype: torch.dtype, quick: bool) -> None:
     """Time a few tile configs per path; the first of each list is the current default."""
-    from kernels.triton_attention import UnifiedConfig, unified_config
-    from kernels.triton_decode import SplitConfig, split_config
+    from raysvc_kernels.triton_attention import UnifiedConfig, unified_config
+    from raysvc_kernels.triton_decode import SplitConfig, split_config
 
     gqa = HEADS // KV_HEADS
     prefill_cfgs = [unified_config(8192, gqa, HEAD_DIM, dtype)] + [

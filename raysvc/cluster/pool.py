@@ -242,7 +242,7 @@ class WorkerPool:
             info = await asyncio.wait_for(self._join(m), timeout)
         except asyncio.CancelledError:
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._failed(m, f"not ready after {timeout:g}s (pending: no node has room for "
                             f"it yet, or its model loads slowly)")
             return

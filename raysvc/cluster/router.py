@@ -353,7 +353,7 @@ class Router:
             self._ensure_rebuilding()
             try:
                 await asyncio.wait_for(self._started.wait(), self.recovery_wait_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if self._hopeless():
             raise self._no_workers()

@@ -127,7 +127,7 @@ class LLMWorker:
             if not self._kv_log.has_news(epoch, acked_step):
                 try:
                     await asyncio.wait_for(self._kv_news.wait(), wait_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         return self._kv_log.since(epoch, acked_step)
 
@@ -146,7 +146,7 @@ class LLMWorker:
                 timeout = None if due is None else max(due - time.monotonic(), 0.0)
                 try:
                     await asyncio.wait_for(ch.moved.wait(), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 ch.moved.clear()
                 batch, due = self._drain(ch)

@@ -113,7 +113,7 @@ class DecodeGraphs:
         if (q, size) not in self.shapes or any(item.num_tokens != q for item in items):
             return None
         if q == 1 and self.split_aware:
-            from kernels.triton_attention import decode_num_splits
+            from raysvc_kernels.triton_attention import decode_num_splits
 
             longest = max(item.seq.num_computed_tokens + 1 for item in items)
             if decode_num_splits(len(items), self.kv_cache.data.shape[4], longest,

@@ -16,8 +16,7 @@ from typing import Protocol
 
 import torch
 
-import kernels
-from kernels import torch_ref
+from raysvc_kernels import ops, torch_ref
 
 
 @dataclass(slots=True)
@@ -79,17 +78,17 @@ class TritonAttention:
         pass
 
     def store_kv(self, k, v, k_cache, v_cache, meta):
-        kernels.triton_store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        ops.triton_store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
     def attend(self, q, k, v, k_cache, v_cache, meta, scale):
         if self.graph_safe:
-            from kernels.triton_attention import launch_unified, unified_config
+            from raysvc_kernels.triton_attention import launch_unified, unified_config
 
             gqa = q.shape[1] // k_cache.shape[2]
             return launch_unified(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
                                   meta.seq_lens, scale, torch.empty_like(q),
                                   unified_config(meta.max_query_len, gqa, q.shape[2], q.dtype))
-        return kernels.triton_paged_attention(
+        return ops.triton_paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
             max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
         )

@@ -1,9 +1,4 @@
-"""Paged-attention kernels (Triton) and their plain-torch twins.
-
-This folder installs as the top-level package ``kernels``. Hugging Face has a package of
-the same import name that transformers probes for; the probe also reads the version of
-the distribution that provides ``kernels`` (here raysvc's, outside the range transformers
-accepts), so it stays False (``tests/test_packaging.py`` proves it).
+"""The Triton kernels' entry points, imported lazily.
 
 Two implementations with one signature: ``triton_paged_attention`` / ``triton_store_kv``
 / ``triton_paged_decode_split_kv`` always run Triton (on CUDA, or on CPU under
@@ -11,7 +6,7 @@ Two implementations with one signature: ``triton_paged_attention`` / ``triton_st
 never do. Which one a model uses is chosen once, by the engine's attention backend
 (``raysvc.models.attention.make_backend``), not per call.
 
-Triton modules are imported on first use, so importing ``kernels`` needs neither a GPU
+Triton modules are imported on first use, so importing ``raysvc_kernels.ops`` needs neither a GPU
 nor the interpreter. Under the interpreter, ``TRITON_INTERPRET=1`` must already be set
 when a Triton module is first imported and while its kernels run.
 """
@@ -20,10 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import torch_ref
-
 __all__ = [
-    "torch_ref",
     "triton_paged_attention",
     "triton_paged_decode_split_kv",
     "triton_store_kv",
@@ -37,8 +29,8 @@ def triton_store_kv(
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int, -1 = skip
 ) -> None:
-    """Triton `store_kv` (see kernels.triton_store)."""
-    from kernels.triton_store import store_kv as impl
+    """Triton `store_kv` (see raysvc_kernels.triton_store)."""
+    from raysvc_kernels.triton_store import store_kv as impl
 
     impl(k, v, k_cache, v_cache, slot_mapping)
 
@@ -56,8 +48,8 @@ def triton_paged_attention(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Triton `paged_attention` (see kernels.triton_attention); hints avoid a device sync."""
-    from kernels.triton_attention import paged_attention as impl
+    """Triton `paged_attention` (see raysvc_kernels.triton_attention); hints avoid a device sync."""
+    from raysvc_kernels.triton_attention import paged_attention as impl
 
     return impl(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, out,
                 max_query_len=max_query_len, max_seq_len=max_seq_len)
@@ -76,8 +68,8 @@ def triton_paged_decode_split_kv(
     num_splits: int | None = None,
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Split-KV decode (see kernels.triton_decode); every q_len must be <= 1."""
-    from kernels.triton_decode import paged_decode_split_kv as impl
+    """Split-KV decode (see raysvc_kernels.triton_decode); every q_len must be <= 1."""
+    from raysvc_kernels.triton_decode import paged_decode_split_kv as impl
 
     return impl(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, out,
                 num_splits=num_splits, max_seq_len=max_seq_len)
