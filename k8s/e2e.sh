@@ -28,6 +28,12 @@ step "image $IMAGE (CPU variant: the built-in model is inside, nothing to downlo
 docker build -f k8s/Dockerfile --build-arg VARIANT=cpu -t "$IMAGE" .
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 
+step "API key Secret (required: without it the RayService's pods do not start)"
+API_KEY=${API_KEY:-$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')}
+kubectl create secret generic raysvc-api-key --from-literal=api-key="$API_KEY" \
+  --dry-run=client -o yaml | kubectl apply -f -
+AUTH="Authorization: Bearer $API_KEY"
+
 step "RayService (k8s/overlays/cpu/serve)"
 kubectl apply -k k8s/overlays/cpu/serve
 kubectl wait --for=condition=Ready rayservice/raysvc --timeout=900s
@@ -37,14 +43,14 @@ kubectl port-forward svc/raysvc-serve-svc "$PORT:8000" >/tmp/raysvc-port-forward
 PF=$!
 trap 'kill $PF 2>/dev/null || true' EXIT
 for _ in $(seq 60); do curl -sf "localhost:$PORT/health" >/dev/null && break; sleep 2; done
-curl -sf "localhost:$PORT/v1/completions" -H 'Content-Type: application/json' \
+curl -sf "localhost:$PORT/v1/completions" -H "$AUTH" -H 'Content-Type: application/json' \
   -d '{"model": "tiny", "prompt": "The list type", "max_tokens": 16, "temperature": 0}' \
   | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["choices"][0]["text"], r; print("completions:", repr(r["choices"][0]["text"]))'
-curl -sf "localhost:$PORT/v1/chat/completions" -H 'Content-Type: application/json' \
+curl -sf "localhost:$PORT/v1/chat/completions" -H "$AUTH" -H 'Content-Type: application/json' \
   -d '{"model": "tiny", "messages": [{"role": "user", "content": "What is a list?"}], "max_tokens": 16}' \
   | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["choices"][0]["message"]["content"], r; print("chat:", repr(r["choices"][0]["message"]["content"]))'
-curl -sf "localhost:$PORT/metrics" | grep -q ray_raysvc_ && echo "metrics: ok"
-curl -sf "localhost:$PORT/cluster/stats" | python3 -c 'import json,sys; s=json.load(sys.stdin); print("workers:", s["ready_workers"], "of", s["min_workers"], "..", s["max_workers"])'
+curl -sf -H "$AUTH" "localhost:$PORT/metrics" | grep -q ray_raysvc_ && echo "metrics: ok"
+curl -sf -H "$AUTH" "localhost:$PORT/cluster/stats" | python3 -c 'import json,sys; s=json.load(sys.stdin); print("workers:", s["ready_workers"], "of", s["min_workers"], "..", s["max_workers"])'
 
 step "RayJob on a small batch file (k8s/overlays/cpu/batch)"
 python3 - >/tmp/raysvc-batch-input.jsonl <<'EOF'

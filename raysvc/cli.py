@@ -117,6 +117,9 @@ def serve_args_from_cli(args: argparse.Namespace):
                      worker_num_cpus=args.worker_cpus, worker_torch_threads=args.worker_threads,
                      stream_interval_s=args.stream_interval, max_queue_len=args.max_queue_len,
                      api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
+                     allow_unauthenticated=args.allow_unauthenticated,
+                     metrics_public=args.metrics_public,
+                     enable_fastapi_docs=args.enable_fastapi_docs,
                      ingress_replicas=args.ingress_replicas,
                      max_ongoing_requests=args.max_ongoing_requests,
                      max_queued_requests=args.max_queued_requests,
@@ -126,6 +129,22 @@ def serve_args_from_cli(args: argparse.Namespace):
                      draft_workers=args.draft_workers,
                      draft_num_cpus=args.draft_cpus, draft_num_gpus=args.draft_gpus,
                      draft_torch_threads=args.draft_threads)
+
+
+def check_exposure(host: str, serve_args) -> None:
+    """Fail closed: no API key on an address others can reach is a choice, never a default."""
+    import ipaddress
+
+    if serve_args.resolved_api_key() or serve_args.allow_unauthenticated:
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ValueError(f"--host {host}: serving without an API key on a non-loopback "
+                         "address; set --api-key or $RAYSVC_API_KEY, or pass "
+                         "--allow-unauthenticated")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -138,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
         from raysvc.engine.config import EngineConfig
 
         EngineConfig.from_kwargs(**{**serve_args.engine, "model": serve_args.model})
+        check_exposure(args.host, serve_args)
     except (ValueError, ValidationError) as e:
         print(f"raysvc serve: error: {e}", file=sys.stderr)
         return 2
@@ -190,6 +210,12 @@ def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
                         '"downscale_delay_s": 300, "drain_timeout_s": 600}\'')
     p.add_argument("--api-key", default=None,
                    help="require Authorization: Bearer KEY (default: $RAYSVC_API_KEY)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a non-loopback --host without an API key")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without the API key")
+    p.add_argument("--enable-fastapi-docs", action="store_true",
+                   help="serve FastAPI's /docs and /openapi.json")
     p.add_argument("--stream-interval", type=float, default=0.0,
                    help="seconds a worker waits between stream chunks of one request")
     p.add_argument("--max-queue-len", type=int, default=1024,

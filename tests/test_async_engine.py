@@ -80,3 +80,31 @@ def test_abort_and_early_exit_free_blocks(path):
     engine, ok = asyncio.run(main())
     assert ok[-1].finished
     assert_no_leaks(engine.engine)
+
+
+def test_a_failing_request_raises_on_its_own_stream_only(path):
+    """A request that raises inside a step ends its own stream with RequestFailedError; the
+    engine stays healthy and the other stream finishes as if alone."""
+    from raysvc.engine.async_engine import RequestFailedError
+
+    expected = LLM(path).generate([[5, 6, 7]], GREEDY)[0].outputs[0].token_ids
+
+    async def main():
+        engine = AsyncEngine(path)
+        good = await engine.add_request("good", [5, 6, 7], GREEDY)
+        bad = await engine.add_request("bad", [8, 9], SamplingParams(min_tokens=2,
+                                                                      max_tokens=4))
+        engine.engine.requests["bad"].stop_token_ids = {10**6}  # the sampler raises on it
+
+        async def last(stream):
+            return [out async for out in stream][-1]
+
+        got, failed = await asyncio.gather(last(good), last(bad), return_exceptions=True)
+        await engine.shutdown()
+        return got, failed, engine
+
+    got, failed, engine = asyncio.run(main())
+    assert isinstance(failed, RequestFailedError) and "IndexError" in str(failed)
+    assert got.outputs[0].token_ids == expected
+    assert engine.failure is None
+    assert_no_leaks(engine.engine)

@@ -27,6 +27,21 @@ def llm(make_checkpoint):
     ({"stop": [""]}, "stop"),
     ({"bogus": 1}, "bogus"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    # values the sampler cannot compute with (held-out review, 2026-12-04)
+    ({"top_k": 2 ** 63}, "top_k"),
+    ({"seed": 2 ** 64}, "seed"),
+    ({"seed": -(2 ** 63) - 1}, "seed"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+    ({"presence_penalty": float("nan")}, "presence_penalty"),
+    ({"frequency_penalty": float("-inf")}, "frequency_penalty"),
+    ({"top_p": float("nan")}, "top_p"),
+    ({"min_p": float("nan")}, "min_p"),
+    ({"logit_bias": {3: float("nan")}}, "logit_bias"),
+    ({"n": 129}, "n"),
 ])
 def test_bad_sampling_params(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -47,6 +62,53 @@ def test_bad_prompts_rejected_without_leaks(llm, prompt, field):
         llm.generate([prompt] if prompt is not None else [None], SamplingParams(max_tokens=4))
     assert_no_leaks(llm.engine)
     assert not llm.engine.requests
+
+
+def test_extreme_but_valid_params_sample(llm):
+    """The edges of each range run: the largest seed with n = 2 (its second sample's seed
+    wraps), a top_k beyond the vocabulary, a tiny temperature (raised to 0.01)."""
+    params = SamplingParams(n=2, seed=2 ** 64 - 1, top_k=2 ** 31 - 1, temperature=1e-30,
+                            repetition_penalty=100.0, max_tokens=4, ignore_eos=True)
+    assert params.temperature == 0.01
+    out = llm.generate([[5, 6, 7]], params)[0]
+    assert [len(c.token_ids) for c in out.outputs] == [4, 4]
+    assert_no_leaks(llm.engine)
+
+
+def test_stop_token_ids_outside_the_vocabulary(llm):
+    with pytest.raises(ValueError, match="stop_token_ids: token id 1000000"):
+        llm.engine.add_request("x", [5, 6], SamplingParams(stop_token_ids=[10**6],
+                                                           min_tokens=2, max_tokens=4))
+    assert not llm.engine.requests
+    assert_no_leaks(llm.engine)
+
+
+def test_a_request_that_raises_in_the_step_fails_alone(llm):
+    """An exception while sampling one request (its stop ids slipped past validation, as
+    they did before add_request checked them) ends that request with an error; the engine
+    and the other requests go on, with the output they would have had alone."""
+    engine = llm.engine
+    good = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = llm.generate([[5, 6, 7, 8], [9, 10, 11]], good)
+    engine.add_request("good-1", [5, 6, 7, 8], good)
+    engine.add_request("bad", [5, 6], SamplingParams(min_tokens=2, max_tokens=4,
+                                                     stop_token_ids=[3]))
+    engine.add_request("good-2", [9, 10, 11], good)
+    engine.requests["bad"].stop_token_ids = {10**6}  # an index the sampler will raise on
+    failed_before = engine.stats()["num_failed_requests"]
+    done, errors = {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.error is not None:
+                errors[out.request_id] = out
+            elif out.finished:
+                done[out.request_id] = out
+    assert set(errors) == {"bad"} and "IndexError" in errors["bad"].error
+    assert errors["bad"].finished and errors["bad"].outputs[0].finish_reason == "abort"
+    assert done["good-1"].outputs[0].token_ids == expected[0].outputs[0].token_ids
+    assert done["good-2"].outputs[0].token_ids == expected[1].outputs[0].token_ids
+    assert engine.stats()["num_failed_requests"] == failed_before + 1
+    assert_no_leaks(engine)
 
 
 def test_bad_request_does_not_disturb_batch(llm):

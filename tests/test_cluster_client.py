@@ -102,3 +102,30 @@ def test_n_samples_continue_one_by_one_after_their_worker_died():
         assert p["max_tokens"] == 5 and p["seed"] == 10 + index
         assert p["continued_output_tokens"] == 3
         assert tokens[index][3:] == [100 * 1 + len(sent_prompt) + s for s in range(5)]
+
+
+def test_a_request_that_failed_on_its_own_is_not_replayed():
+    """A worker's chunk saying this request alone failed (its engine serves on) ends the
+    request with RequestFailed after one attempt: another worker would fail the same way."""
+    from raysvc.cluster.messages import RequestFailed
+
+    class Failing(Worker):
+        async def _submit(self, channel_id, request_id, prompt, params):
+            self.submitted.append((request_id, list(prompt), dict(params)))
+            queue = self.queues.setdefault(channel_id, asyncio.Queue())
+            queue.put_nowait([(request_id, StreamChunk(0, [], True,
+                                                       request_error="IndexError: boom"))])
+
+    first, second = Failing("w0"), Worker("w1")
+    client = ClusterClient(Router([first, second]))
+
+    async def main():
+        async for _ in client.generate("r", [1, 2], {"n": 1, "max_tokens": 4}):
+            pass
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+        raise AssertionError("RequestFailed not raised")
+    except RequestFailed as e:
+        assert "IndexError: boom" in str(e)
+    assert len(first.submitted) == 1 and not second.submitted

@@ -54,9 +54,9 @@ def ray_docs(docs) -> list[dict]:
 @needs_kubectl
 def test_every_kustomization_renders(docs):
     kinds = {k: sorted(d["kind"] for d in v) for k, v in docs.items()}
-    assert kinds["serve"] == ["PersistentVolumeClaim", "RayService"]
-    assert kinds["overlays/cpu/serve"] == ["RayService"]  # no model volume on CPU
-    assert kinds["batch"] == ["PersistentVolumeClaim", "RayJob"]
+    assert kinds["serve"] == ["NetworkPolicy", "PersistentVolumeClaim", "RayService"]
+    assert kinds["overlays/cpu/serve"] == ["NetworkPolicy", "RayService"]  # no model volume
+    assert kinds["batch"] == ["NetworkPolicy", "PersistentVolumeClaim", "RayJob"]
     assert kinds["monitoring"] == ["ConfigMap", "PodMonitor"]
 
 
@@ -124,7 +124,7 @@ def test_cpu_overlay_serves_the_deploy_config(docs):
     """deploy/serve_config.yaml is the one source of the app's arguments: the CPU overlay
     (the same app on kind) differs only in its worker range and control-plane pinning."""
     deploy = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
-    (app,) = serve_apps(docs["overlays/cpu/serve"][0])
+    (app,) = serve_apps(next(d for d in docs["overlays/cpu/serve"] if d["kind"] == "RayService"))
     (local,) = deploy["applications"]
     assert (app["import_path"], app["route_prefix"], app["name"]) == (
         local["import_path"], local["route_prefix"], local["name"])
@@ -132,8 +132,7 @@ def test_cpu_overlay_serves_the_deploy_config(docs):
     assert {k: v for k, v in app["args"].items() if k not in cluster_only} == {
         k: v for k, v in local["args"].items() if k not in cluster_only}
     # the GPU service sets every argument the Serve config sets (and says its values)
-    (gpu_app,) = serve_apps(docs["serve"][1] if docs["serve"][1]["kind"] == "RayService"
-                            else docs["serve"][0])
+    (gpu_app,) = serve_apps(next(d for d in docs["serve"] if d["kind"] == "RayService"))
     assert set(local["args"]) <= set(gpu_app["args"])
 
 
@@ -176,3 +175,41 @@ def test_dashboard_names_only_metrics_raysvc_exports():
                    "ray_raysvc_spec_decode_num_accepted_tokens_total",
                    "ray_raysvc_workers_draining"):
         assert wanted in used, wanted
+
+
+def _pod_templates(doc: dict) -> list[dict]:
+    spec = doc["spec"]["rayClusterConfig" if doc["kind"] == "RayService" else "rayClusterSpec"]
+    return [spec["headGroupSpec"]["template"]] + [g["template"] for g in
+                                                  spec.get("workerGroupSpecs", [])]
+
+
+@needs_kubectl
+def test_pods_run_locked_down_and_auth_fails_closed(docs):
+    """Every raysvc pod: non-root, no privilege escalation, no capabilities, read-only model
+    mounts, the NetworkPolicy's label; the API key's Secret is required (a RayService with
+    no Secret does not start, rather than serving 0.0.0.0 without auth)."""
+    for name in ("serve", "batch", "overlays/cpu/serve", "overlays/cpu/batch"):
+        for doc in ray_docs({name: docs[name]}):
+            for template in _pod_templates(doc):
+                assert template["metadata"]["labels"]["app.kubernetes.io/part-of"] == "raysvc"
+                pod = template["spec"]
+                assert pod["securityContext"]["runAsNonRoot"] is True, (name, pod)
+                for c in pod["containers"]:
+                    sc = c["securityContext"]
+                    assert sc["allowPrivilegeEscalation"] is False, (name, c["name"])
+                    assert sc["capabilities"]["drop"] == ["ALL"], (name, c["name"])
+                    for m in c.get("volumeMounts", []):  # the models are only read
+                        assert m["name"] != "models" or m.get("readOnly"), (name, m)
+                    for env in c.get("env", []):
+                        ref = env.get("valueFrom", {}).get("secretKeyRef")
+                        if env["name"] == "RAYSVC_API_KEY":
+                            assert ref and not ref.get("optional", False), (name, env)
+        (policy,) = [d for d in docs[name] if d["kind"] == "NetworkPolicy"]
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        assert selector == {"app.kubernetes.io/part-of": "raysvc"}
+        open_rules = [r for r in policy["spec"]["ingress"] if "from" not in r]
+        open_ports = {p["port"] for r in open_rules for p in r["ports"]}
+        assert open_ports == {8000, 8080}  # never 8265 (dashboard), 6379 (GCS), 10001
+        for rule in policy["spec"]["ingress"]:
+            if "from" in rule:
+                assert all("podSelector" in f for f in rule["from"]), rule  # no ipBlock

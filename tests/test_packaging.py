@@ -191,3 +191,32 @@ def test_lock_satisfies_pyproject_and_is_what_is_installed():
             mismatched[name] = (pinned, installed)
     if mismatched and os.environ.get("CI"):
         pytest.fail(f"installed versions differ from deploy/constraints.txt: {mismatched}")
+
+
+@pytest.mark.parametrize("host, key, allow, refused", [
+    ("127.0.0.1", None, False, False),
+    ("localhost", None, False, False),
+    ("::1", None, False, False),
+    ("0.0.0.0", None, False, True),
+    ("0.0.0.0", "k", False, False),
+    ("0.0.0.0", None, True, False),
+    ("10.1.2.3", None, False, True),
+])
+def test_serve_fails_closed_without_a_key_off_loopback(monkeypatch, host, key, allow, refused):
+    from raysvc.cli import check_exposure
+    from raysvc.serve.args import ServeArgs
+
+    monkeypatch.delenv("RAYSVC_API_KEY", raising=False)
+    args = ServeArgs(api_key=key, allow_unauthenticated=allow)
+    if refused:
+        with pytest.raises(ValueError, match="--allow-unauthenticated"):
+            check_exposure(host, args)
+    else:
+        check_exposure(host, args)
+
+
+def test_cli_refuses_an_open_host_without_a_key():
+    env = {k: v for k, v in os.environ.items() if k != "RAYSVC_API_KEY"}
+    out = subprocess.run([sys.executable, "-m", "raysvc.cli", "serve", "--host", "0.0.0.0"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "--allow-unauthenticated" in out.stderr, out.stderr

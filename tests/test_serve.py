@@ -360,6 +360,19 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
 # -- bad input: 4xx in OpenAI's error shape, the server serving on ---------------------
 
 
+def _get(server, path: str, auth: bool = True) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {API_KEY}"} if auth else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(server.url + path, headers=headers),
+                                    timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 def _post(server, path: str, body: bytes | dict, headers: dict | None = None):
     async def main():
         h = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json",
@@ -403,6 +416,13 @@ COMPLETIONS_BAD = [
     ({"prompt": "x", "unknown_field": 1}, 400, "unknown_field"),
     (b"\xff\xfe{\"prompt\": \"x\"}", 400, None),
     (b"[1, 2]", 400, None),
+    # values that once reached the engine's step and failed it there
+    (b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),
+    (b'{"prompt": "x", "repetition_penalty": Infinity}', 400, "repetition_penalty"),
+    (b'{"prompt": "x", "presence_penalty": NaN}', 400, "presence_penalty"),
+    ({"prompt": "x", "top_k": 2 ** 63}, 400, "top_k"),
+    ({"prompt": "x", "seed": 2 ** 64}, 400, "seed"),
+    ({"prompt": "x", "stop_token_ids": [10 ** 6], "min_tokens": 1}, 400, "stop_token_ids"),
 ]
 
 CHAT_BAD = [
@@ -467,9 +487,15 @@ def test_metrics_on_the_api_port(server, client):
     wanted = ("ray_raysvc_num_requests_running", "ray_raysvc_kv_cache_usage_perc",
               "ray_raysvc_workers_ready", "ray_raysvc_time_to_first_token_seconds_bucket",
               "ray_raysvc_prefix_cache_queries")
+    # behind the API key (no --metrics-public here), as are FastAPI's docs (not enabled)
+    for path in ("/metrics", "/docs", "/openapi.json"):
+        status, body = _get(server, path, auth=False)
+        assert status == (401 if path == "/metrics" else 404), (path, status, body)
+    authorized = urllib.request.Request(server.url + "/metrics",
+                                        headers={"Authorization": f"Bearer {API_KEY}"})
     deadline, text = time.monotonic() + 90, ""
     while time.monotonic() < deadline:  # Ray's agents export every few seconds
-        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        with urllib.request.urlopen(authorized, timeout=30) as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
             text = r.read().decode()
         if all(name in text for name in wanted):

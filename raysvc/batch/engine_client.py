@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from raysvc.cluster.messages import StreamChunk
+from raysvc.cluster.messages import RequestFailed, StreamChunk
 from raysvc.cluster.worker import chunk_since
+from raysvc.engine.async_engine import RequestFailedError
 
 
 class EngineClient:
@@ -29,5 +30,7 @@ class EngineClient:
         try:
             async for out in stream:
                 yield chunk_since(out, sent)
+        except RequestFailedError as e:  # this row alone: the engine (and the job) go on
+            raise RequestFailed(str(e)) from e
         finally:  # leaving early (stop string, error) aborts the request in the engine
             await stream.aclose()

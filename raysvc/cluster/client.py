@@ -36,6 +36,7 @@ from typing import Any
 
 from raysvc.cluster.messages import (
     HandedOver,
+    RequestFailed,
     RouterUnavailable,
     SeqDelta,
     StreamChunk,
@@ -91,7 +92,7 @@ def _take(queue: asyncio.Queue, item: StreamChunk | BaseException) -> StreamChun
     while (not queue.empty() and not isinstance(item, BaseException) and not item.error
            and not item.handed_over and not item.finished):
         nxt = queue.get_nowait()
-        if isinstance(nxt, BaseException) or nxt.error or nxt.handed_over:
+        if isinstance(nxt, BaseException) or nxt.error or nxt.request_error or nxt.handed_over:
             return nxt
         item = merge_chunks(item, nxt)
     return item
@@ -212,6 +213,8 @@ class ClusterClient:
                         raise item
                     if item.handed_over:
                         raise HandedOver(f"worker {ticket.worker_id} handed {ticket_id} over")
+                    if item.request_error:  # its own failure: replaying would repeat it
+                        raise RequestFailed(item.request_error)
                     if item.error:
                         raise _EngineFailed(f"worker {ticket.worker_id} failed: {item.error}")
                     produced, finished = True, item.finished
@@ -258,7 +261,8 @@ class ClusterClient:
         async def one(index: int) -> AsyncIterator[StreamChunk]:
             sub = {**params, "n": 1, "prompt_logprobs": None}
             if sub.get("seed") is not None:
-                sub["seed"] = int(sub["seed"]) + index
+                seed = int(sub["seed"]) + index  # as Sequence wraps it
+                sub["seed"] = seed - 2 ** 64 if seed >= 2 ** 64 else seed
             sub = _continued(sub, len(outputs[index]))
             async for chunk in self.generate(f"{request_id}.s{index}",
                                              list(prompt_token_ids) + outputs[index], sub):

@@ -30,6 +30,11 @@ class WorkerDied(RuntimeError):
     """The worker serving a request died after the request produced output."""
 
 
+class RequestFailed(RuntimeError):
+    """The request's own processing raised inside a worker's step; the worker serves on.
+    Never replayed: another worker would fail the same way."""
+
+
 class HandedOver(RuntimeError):
     """A draining worker gave the request back: its client continues it on another worker."""
 
@@ -118,6 +123,7 @@ class StreamChunk:
     # per prompt token (the first None): {token id: (logprob, rank)}, in the first chunk
     prompt_logprobs: list[dict[int, tuple[float, int]] | None] | None = None
     error: str | None = None  # the worker's engine failed: the request cannot finish
+    request_error: str | None = None  # this request alone failed (RequestFailed)
     handed_over: bool = False  # the worker is leaving: continue the request elsewhere
 
 

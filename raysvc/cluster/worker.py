@@ -38,6 +38,7 @@ from raysvc.cluster.actors import actor, was_restarted
 from raysvc.cluster.messages import (
     HandedOver,
     KVEventsReply,
+    RequestFailed,
     SeqDelta,
     StreamChunk,
     WorkerInfo,
@@ -198,13 +199,16 @@ class LLMWorker:
         return count
 
     async def _pump(self, ch: _ChannelState, request_id: str, stream) -> None:
-        from raysvc.engine.async_engine import EngineDeadError
+        from raysvc.engine.async_engine import EngineDeadError, RequestFailedError
 
         try:
             async for out in stream:  # delta outputs: pile them up until the channel sends
                 held = ch.latest.get(request_id)
                 ch.latest[request_id] = out if held is None else merge_outputs(held, out)
                 ch.moved.set()
+        except RequestFailedError as e:  # this request alone: the engine serves on
+            ch.failed[request_id] = RequestFailed(str(e))
+            ch.moved.set()
         except EngineDeadError as e:
             self._failure = e
             ch.failed[request_id] = e
@@ -235,6 +239,8 @@ class LLMWorker:
         for request_id, error in ch.failed.items():
             if isinstance(error, HandedOver):
                 batch.append((request_id, StreamChunk(0, [], True, handed_over=True)))
+            elif isinstance(error, RequestFailed):
+                batch.append((request_id, StreamChunk(0, [], True, request_error=str(error))))
             else:
                 batch.append((request_id, StreamChunk(0, [], True, error=repr(error))))
             ch.latest.pop(request_id, None)

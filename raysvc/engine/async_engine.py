@@ -24,6 +24,11 @@ class EngineDeadError(RuntimeError):
     """The step loop failed; in-flight requests cannot finish on this engine."""
 
 
+class RequestFailedError(RuntimeError):
+    """This request alone failed inside a step (`RequestOutput.error`); the engine serves
+    on. Replaying it elsewhere would fail the same way."""
+
+
 class AsyncEngine:
     def __init__(self, model: str | None = None, proposer=None, **kwargs) -> None:
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs), proposer)
@@ -85,6 +90,8 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise EngineDeadError("engine step loop failed") from item
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestFailedError(f"request {request_id}: {item.error}")
                 yield item
         finally:
             self._streams.pop(request_id, None)

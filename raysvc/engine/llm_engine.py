@@ -102,6 +102,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_computed_tokens = 0
         self.num_steps = 0
+        self.num_failed_requests = 0  # ended by an exception of their own inside a step
         self._kv_event_subscribers: list[Callable[[KVEventBatch], None]] = []
 
     # -- requests --------------------------------------------------------------------
@@ -145,7 +146,8 @@ class LLMEngine:
     def _check_logits_params(self, params: SamplingParams) -> None:
         vocab = self.model_config.vocab_size
         for name, ids in (("logit_bias", params.logit_bias or ()),
-                          ("allowed_token_ids", params.allowed_token_ids or ())):
+                          ("allowed_token_ids", params.allowed_token_ids or ()),
+                          ("stop_token_ids", params.stop_token_ids)):
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary "
@@ -295,44 +297,81 @@ class LLMEngine:
                     seqs.append(child)
                     rows.append(row)
         touched: dict[str, Request] = {}
+        failed: dict[str, RequestOutput] = {}
         if seqs:
             result = self.sampler(logits[rows], seqs)
-            for seq, token, lps in zip(seqs, result.token_ids, result.logprobs, strict=True):
-                self._append_token(seq, token, lps)
+            for i, (seq, token, lps) in enumerate(
+                    zip(seqs, result.token_ids, result.logprobs, strict=True)):
+                if seq.request.request_id in failed:
+                    continue
+                try:
+                    if i in result.failed:
+                        raise result.failed[i]
+                    self._append_token(seq, token, lps)
+                except Exception as e:
+                    self._fail(seq.request, e, failed)
+                    continue
                 touched[seq.request.request_id] = seq.request
         # the forward pass belongs to the step, not to verification: if nothing was sampled
         # (which waits for the logits), wait for it here
         verify_start = self._now() if plan.speculating and not seqs else time.perf_counter()
         for item, row in plan.speculating:
             seq = item.seq
-            rows = logits[row: row + item.num_spec + 1]
-            if seq.request.params.needs_processing:
-                rows = rows.float().clone()
-                process(rows, seq)
-            tokens = self.spec.verify(seq, item.num_spec, rows, self.sampler)
-            # KV is valid for the last known token and the accepted proposals only
-            seq.num_computed_tokens += len(tokens)
-            self.block_manager.truncate(seq)
-            for token in tokens:
-                self._append_token(seq, token, None)
-                if seq.is_finished:
-                    break
-            else:
-                self.block_manager.cache_full_blocks(seq)
+            if seq.request.request_id in failed:
+                continue
+            try:
+                self._verify(seq, item.num_spec, logits[row: row + item.num_spec + 1])
+            except Exception as e:
+                self._fail(seq.request, e, failed)
+                continue
             touched[seq.request.request_id] = seq.request
         if self.spec is not None:
             end = time.perf_counter()  # verification read its logits on the host: synced
             self.spec.observe_step(batch.num_tokens, verify_start - draft_done,
                                    len(plan.speculating), end - verify_start)
 
-        outputs = []
+        outputs = list(failed.values())
         for request in touched.values():
+            if request.request_id in failed:
+                continue
             out = self._output(request)
             if out is not None:
                 outputs.append(out)
             if request.finished:
                 del self.requests[request.request_id]
         return outputs
+
+    def _verify(self, seq: Sequence, num_spec: int, rows: torch.Tensor) -> None:
+        """Rejection-sample `seq`'s proposals against its k + 1 target rows; append what
+        was accepted."""
+        if seq.request.params.needs_processing:
+            rows = rows.float().clone()
+            process(rows, seq)
+        tokens = self.spec.verify(seq, num_spec, rows, self.sampler)
+        # KV is valid for the last known token and the accepted proposals only
+        seq.num_computed_tokens += len(tokens)
+        self.block_manager.truncate(seq)
+        for token in tokens:
+            self._append_token(seq, token, None)
+            if seq.is_finished:
+                break
+        else:
+            self.block_manager.cache_full_blocks(seq)
+
+    def _fail(self, request: Request, error: BaseException,
+              failed: dict[str, RequestOutput]) -> None:
+        """`request` alone raised inside the step (sampling, stop checks, verification):
+        end it as aborted with the error, free its blocks, and let the step go on for the
+        others. The batch-wide forward pass is not attributed to a request: an error there
+        still stops the engine."""
+        logger.error("request %s failed inside a step; aborting it alone: %r",
+                     request.request_id, error, exc_info=error)
+        out = self.abort(request.request_id)
+        if out is not None:
+            out.finished = True
+            out.error = f"{type(error).__name__}: {error}"
+            failed[request.request_id] = out
+        self.num_failed_requests += 1
 
     def _now(self) -> float:
         """A timestamp that includes the device work queued so far (speculation's cost
@@ -439,6 +478,7 @@ class LLMEngine:
             "kv_blocks_total": bm.num_blocks,
             "kv_blocks_free": bm.num_free_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_failed_requests": self.num_failed_requests,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_prompt_tokens": self.num_prompt_tokens,

@@ -36,6 +36,9 @@ class RequestOutput:
     finished: bool = False
     # per prompt token (None for the first): its logprob and the top alternatives
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # The request failed on its own (an exception a step raised while handling it alone):
+    # it ended here, every sample "abort"; the engine and the other requests go on.
+    error: str | None = None
 
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:

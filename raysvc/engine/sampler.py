@@ -11,7 +11,7 @@ depend on what else is in the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,8 @@ from raysvc.engine.sequence import Sequence
 class SampleResult:
     token_ids: list[int]
     logprobs: list[dict[int, Logprob] | None]
+    # rows whose sampling raised when run alone: that row's request failed, not the batch
+    failed: dict[int, Exception] = field(default_factory=dict)
 
 
 class Sampler:
@@ -35,6 +37,26 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence]  # logits: [num_seqs, vocab] fp32
     ) -> SampleResult:
+        """One token per row. Should the batch raise, each row is sampled alone, so one
+        request's bad parameters fail that request (`failed`) and no other."""
+        try:
+            return self._sample_rows(logits, seqs)
+        except Exception as batch_error:
+            if len(seqs) == 1:
+                return SampleResult([-1], [None], {0: batch_error})
+            result = SampleResult([], [])
+            for row, seq in enumerate(seqs):
+                try:
+                    one = self._sample_rows(logits[row: row + 1], [seq])
+                except Exception as e:
+                    one = SampleResult([-1], [None], {0: e})
+                result.token_ids += one.token_ids
+                result.logprobs += one.logprobs
+                if one.failed:
+                    result.failed[row] = one.failed[0]
+            return result
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         logits = logits[:, : self.vocab_size].float()
         params = [s.request.params for s in seqs]
         raw_logprobs = None
@@ -75,7 +97,8 @@ class Sampler:
         dev = logits.device
         temps = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
         logits = logits[:, : self.vocab_size].float() / temps
-        top_ks = [p.top_k if p.top_k > 0 else self.vocab_size for p in params]
+        top_ks = [min(p.top_k, self.vocab_size) if p.top_k > 0 else self.vocab_size
+                  for p in params]
         top_ps = [p.top_p for p in params]
         if min(top_ks) < self.vocab_size or min(top_ps) < 1.0:
             logits = _top_k_top_p(logits, torch.tensor(top_ks, device=dev),

@@ -1,7 +1,11 @@
 """Per-request sampling parameters, named and defaulted as in vLLM.
 
 A pydantic model, so every bad value is rejected with an error that names the field
-(`pydantic.ValidationError` is a `ValueError`), unknown keywords included.
+(`pydantic.ValidationError` is a `ValueError`), unknown keywords included. Every field has a
+range the sampler can compute with: no float is infinite or NaN, no integer overflows the
+int64 tensors it becomes, and a seed plus a sample's index stays a valid generator seed.
+The ingress runs this same check (a 400 naming the field), and `LLMEngine.add_request`
+again for the Python API and batch jobs.
 """
 
 from __future__ import annotations
@@ -13,24 +17,31 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from raysvc.engine.structured_output import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
+MAX_N = 128
+# A torch generator's seed (vLLM's bounds); a sample's seed is seed + index, wrapped.
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
+MAX_TOP_K = 2 ** 31 - 1  # any top_k >= the vocabulary keeps every token
+# Below this a temperature divides logits into infinities (vLLM's _MAX_TEMP floor).
+MIN_TEMPERATURE = 1e-2
+MAX_PENALTY = 100.0
 
 
 class SamplingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
-    n: int = Field(1, ge=1, le=128)
-    max_tokens: int = Field(16, ge=1)
-    min_tokens: int = Field(0, ge=0)
-    temperature: float = Field(1.0, ge=0.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    max_tokens: int = Field(16, ge=1, le=2 ** 31 - 1)
+    min_tokens: int = Field(0, ge=0, le=2 ** 31 - 1)
+    temperature: float = Field(1.0, ge=0.0, le=1e4)  # (0, 0.01) is raised to 0.01
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)  # 0 or -1: all tokens
+    top_k: int = Field(0, ge=-1, le=MAX_TOP_K)  # 0 or -1: all tokens
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, ge=1.0 / MAX_PENALTY, le=MAX_PENALTY)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: list[str] = Field(default_factory=list)
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)  # in the vocabulary: add_request
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -53,6 +64,11 @@ class SamplingParams(BaseModel):
     # The prompt's last N tokens are this request's own earlier output (a failover or
     # hand-over continuation): its grammar resumes after them instead of starting anew.
     continued_output_tokens: int = Field(0, ge=0)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_floor(cls, v: float) -> float:
+        return MIN_TEMPERATURE if 0.0 < v < MIN_TEMPERATURE else v
 
     @field_validator("logit_bias")
     @classmethod

@@ -78,7 +78,10 @@ class Sequence:
         seed = request.params.seed
         self.generator: torch.Generator | None = None
         if seed is not None:
-            self.generator = torch.Generator().manual_seed(seed + index)
+            # wrapped into a generator's seed range (SamplingParams allows up to 2**64 - 1)
+            seed += index
+            self.generator = torch.Generator().manual_seed(seed - 2 ** 64 if seed >= 2 ** 64
+                                                           else seed)
         self.logprobs: list[dict[int, Logprob]] | None = (
             [] if request.params.logprobs is not None else None
         )

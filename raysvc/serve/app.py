@@ -125,6 +125,8 @@ def _digest(a: ServeArgs) -> str:
                                     "max_queued_requests", "ingress_autoscaling",
                                     "ingress_graceful_shutdown_timeout_s", "tool_call_parser",
                                     "trust_request_chat_template", "allowed_origins",
+                                    "allow_unauthenticated", "metrics_public",
+                                    "enable_fastapi_docs",
                                     "served_model_name"})
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()
                           ).hexdigest()[:8]
@@ -175,6 +177,7 @@ class OpenAIIngress:
                            trust_request_chat_template=a.trust_request_chat_template,
                            tool_parser=_tool_parser(a, tokenizer, facts["model_path"]))
         self.allowed_origins = a.allowed_origins
+        self.metrics_public, self.enable_docs = a.metrics_public, a.enable_fastapi_docs
         from raysvc.cluster.actors import actor
         from raysvc.cluster.client import ClusterClient
 
@@ -186,7 +189,8 @@ class OpenAIIngress:
     def __serve_build_asgi_app__(self):
         from raysvc.serve.http_api import build_api
 
-        return build_api(self.server, self.allowed_origins)
+        return build_api(self.server, self.allowed_origins, metrics_public=self.metrics_public,
+                         enable_docs=self.enable_docs)
 
 
 def _tool_parser(a: ServeArgs, tokenizer, model_path: str) -> str:

@@ -36,6 +36,10 @@ class ServeArgs(BaseModel):
     placement: dict[str, Any] = Field(default_factory=dict)
     worker_max_restarts: int = Field(3, ge=-1)  # a restarted worker re-joins the router
     api_key: str | None = None  # None: $RAYSVC_API_KEY if set, else no auth
+    # Without a key, `raysvc serve` refuses a non-loopback --host unless this is set.
+    allow_unauthenticated: bool = False
+    metrics_public: bool = False  # /metrics without the key (scrapers rarely carry one)
+    enable_fastapi_docs: bool = False  # /docs and /openapi.json (off: they map the API)
     max_body_bytes: int = Field(4 << 20, ge=1024)
     max_n: int = Field(16, ge=1)
     # how the model writes tool calls: "auto" (from its chat template and architecture),

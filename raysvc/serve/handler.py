@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from raysvc.cluster.messages import (
     NoWorkers,
     Overloaded,
+    RequestFailed,
     RouterUnavailable,
     ShuttingDown,
     WorkerDied,
@@ -106,7 +107,10 @@ class OpenAIHandler:
         plan = planner.plan(req, prompts, self.tokenizer, self.facts,
                             keep_special_tokens=parse_tools)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{id_suffix or self._new_suffix()}"
-        gen = Generation(self.client, request_id, plan.prompts, plan.engine_params,
+        # A fixed response id (a batch row's) may repeat across identical rows in flight at
+        # once; the engine's ids must not.
+        engine_id = request_id if id_suffix is None else f"{request_id}-{self._new_suffix()}"
+        gen = Generation(self.client, engine_id, plan.prompts, plan.engine_params,
                          plan.samples)
         gen.score_only = plan.score_only
         options = req.stream_options
@@ -292,6 +296,9 @@ def cluster_error(e: BaseException) -> APIError:
                         code="service_unavailable", retry_after=2)
     if isinstance(e, ValueError):
         return bad_request(_last_line(e))
+    if isinstance(e, RequestFailed):  # not the service's trouble, and a retry fails alike
+        return APIError(500, f"the request failed in the engine: {_last_line(e)}",
+                        type="internal_error", code="request_failed")
     logger.error("generation failed: %r", e)
     return APIError(500, f"internal error: {type(e).__name__}: {_last_line(e)}",
                     type="internal_error")

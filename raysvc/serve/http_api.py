@@ -72,10 +72,15 @@ class CancelledReceiveIsDisconnect:
         await self.app(scope, receive_or_disconnect, send)
 
 
-def build_api(server: OpenAIHandler, allowed_origins: list[str] | None = None) -> FastAPI:
+def build_api(server: OpenAIHandler, allowed_origins: list[str] | None = None, *,
+              metrics_public: bool = False, enable_docs: bool = False) -> FastAPI:
+    """The routes. /metrics needs the API key (when one is set) unless `metrics_public`;
+    FastAPI's /docs and /openapi.json exist only with `enable_docs`."""
     from fastapi.middleware.cors import CORSMiddleware
 
-    app = FastAPI(title="raysvc", description="OpenAI-compatible LLM serving on Ray Serve")
+    app = FastAPI(title="raysvc", description="OpenAI-compatible LLM serving on Ray Serve",
+                  docs_url="/docs" if enable_docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if enable_docs else None)
     app.add_middleware(CancelledReceiveIsDisconnect)
     # CORS as vLLM's defaults: any origin, method and header, no credentials
     app.add_middleware(CORSMiddleware, allow_origins=allowed_origins or ["*"],
@@ -186,11 +191,13 @@ def build_api(server: OpenAIHandler, allowed_origins: list[str] | None = None) -
         return Response(status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        """raysvc's Prometheus metrics from every node's Ray metrics agent (no auth, as
-        vLLM's: scrapers rarely carry API keys; it holds counts, not content)."""
+    async def metrics(request: Request) -> Response:
+        """raysvc's Prometheus metrics from every node's Ray metrics agent; behind the API
+        key like every route unless `metrics_public` (a scraper without the key)."""
         from raysvc.serve.metrics_page import metrics_text
 
+        if not metrics_public:
+            authorize(request)
         return Response(await metrics_text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/cluster/stats")

@@ -189,10 +189,11 @@ def plan(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]
         params["bad_words"] = req.bad_words
     if req.logit_bias:
         params["logit_bias"] = _logit_bias(req.logit_bias, facts.vocab_size)
-    bad = [t for t in req.allowed_token_ids or () if not 0 <= t < facts.vocab_size]
-    if bad:
-        raise bad_request(f"allowed_token_ids: token id {bad[0]} is outside the vocabulary "
-                          f"[0, {facts.vocab_size})", param="allowed_token_ids")
+    for name in ("allowed_token_ids", "stop_token_ids"):
+        bad = [t for t in getattr(req, name) or () if not 0 <= t < facts.vocab_size]
+        if bad:
+            raise bad_request(f"{name}: token id {bad[0]} is outside the vocabulary "
+                              f"[0, {facts.vocab_size})", param=name)
     constraint = structured_outputs(req)
     if constraint is not None:
         params["structured_outputs"] = constraint

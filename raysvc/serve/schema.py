@@ -32,7 +32,7 @@ IGNORED_FIELDS = ("metadata", "store", "service_tier", "reasoning_effort", "func
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON's NaN/Infinity too
 
     @model_validator(mode="before")
     @classmethod
