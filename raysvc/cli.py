@@ -116,7 +116,12 @@ def serve_args_from_cli(args: argparse.Namespace):
                      max_workers=args.max_workers, worker_autoscaling=autoscaling, engine=engine,
                      worker_num_cpus=args.worker_cpus, worker_torch_threads=args.worker_threads,
                      stream_interval_s=args.stream_interval, max_queue_len=args.max_queue_len,
+                     worker_stuck_timeout_s=args.worker_stuck_timeout,
                      api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
+                     max_stop_strings=args.max_stop_strings,
+                     max_stop_string_length=args.max_stop_string_length,
+                     max_bad_words=args.max_bad_words, max_logit_bias=args.max_logit_bias,
+                     max_structured_output_bytes=args.max_structured_output_bytes,
                      allow_unauthenticated=args.allow_unauthenticated,
                      metrics_public=args.metrics_public,
                      enable_fastapi_docs=args.enable_fastapi_docs,
@@ -216,12 +221,22 @@ def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
                    help="serve /metrics without the API key")
     p.add_argument("--enable-fastapi-docs", action="store_true",
                    help="serve FastAPI's /docs and /openapi.json")
+    p.add_argument("--worker-stuck-timeout", type=float, default=300.0,
+                   help="seconds one engine step may run before its worker counts as stuck")
     p.add_argument("--stream-interval", type=float, default=0.0,
                    help="seconds a worker waits between stream chunks of one request")
     p.add_argument("--max-queue-len", type=int, default=1024,
                    help="router queue bound; beyond it requests get 429")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20)
     p.add_argument("--max-n", type=int, default=16)
+    p.add_argument("--max-stop-strings", type=int, default=16,
+                   help="stop strings one request may carry")
+    p.add_argument("--max-stop-string-length", type=int, default=256,
+                   help="characters of one stop string or bad word")
+    p.add_argument("--max-bad-words", type=int, default=64)
+    p.add_argument("--max-logit-bias", type=int, default=300, help="logit_bias entries")
+    p.add_argument("--max-structured-output-bytes", type=int, default=65536,
+                   help="size of one request's JSON schema, regex, grammar or choices")
     p.add_argument("--ingress-replicas", type=int, default=2,
                    help="HTTP ingress replicas (one's death cuts only its own streams)")
     p.add_argument("--max-ongoing-requests", type=int, default=1024,

@@ -108,3 +108,37 @@ def test_a_failing_request_raises_on_its_own_stream_only(path):
     assert got.outputs[0].token_ids == expected
     assert engine.failure is None
     assert_no_leaks(engine.engine)
+
+
+def test_a_grammar_that_compiles_too_long_is_refused_off_the_step_thread(path):
+    """Compilation is bounded (grammar_compile_timeout_s) and runs on its own thread: the
+    request is refused with a ValueError naming the field while another stream goes on."""
+    from raysvc.engine.structured_output import GrammarCompiler
+
+    compile_once = GrammarCompiler.compile
+
+    def slow_compile(self, params):
+        import time
+
+        time.sleep(1.0)  # a pathological grammar
+        return compile_once(self, params)
+
+    async def main():
+        engine = AsyncEngine(path, grammar_compile_timeout_s=0.2)
+        other = await engine.add_request("other", [5, 6, 7], GREEDY)
+        GrammarCompiler.compile = slow_compile
+        try:
+            with pytest.raises(ValueError, match="structured_outputs.regex: compiling it "
+                                                 "took longer than 0.2s"):
+                await engine.add_request("slow", [8, 9], SamplingParams(
+                    max_tokens=4, structured_outputs={"regex": "[a-z]+"}))
+        finally:
+            GrammarCompiler.compile = compile_once
+        outs = [out async for out in other]
+        await engine.shutdown()
+        return outs, engine
+
+    outs, engine = asyncio.run(main())
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 12
+    assert "slow" not in engine.engine.requests
+    assert_no_leaks(engine.engine)

@@ -129,3 +129,123 @@ def test_a_request_that_failed_on_its_own_is_not_replayed():
     except RequestFailed as e:
         assert "IndexError: boom" in str(e)
     assert len(first.submitted) == 1 and not second.submitted
+
+
+def test_a_stop_string_found_by_the_caller_ends_that_sample_on_its_worker():
+    """Generation finds sample 1's stop string in the ingress; the client ends that sample
+    on the worker streaming it (its ticket), while sample 0 goes on to max_tokens."""
+    from raysvc.engine.loading import load_tokenizer
+    from raysvc.models.builtin import path as builtin_path
+    from raysvc.serve.detokenizer import SampleText
+    from raysvc.serve.generation import Generation
+
+    tok = load_tokenizer(builtin_path("tiny"))
+    stop_ids = tok.encode(" the end", add_special_tokens=False)
+    filler = tok.encode(" and so on", add_special_tokens=False)
+
+    class TwoSamples(Worker):
+        def __init__(self, name):
+            super().__init__(name)
+            self.finished_samples: list[tuple[str, int]] = []
+            self.finish_sample = _M(self._finish_sample)
+
+        async def _finish_sample(self, request_id, index):
+            self.finished_samples.append((request_id, index))
+
+        async def _submit(self, channel_id, request_id, prompt, params):
+            self.submitted.append((request_id, list(prompt), dict(params)))
+            queue = self.queues.setdefault(channel_id, asyncio.Queue())
+
+            async def play():
+                steps = max(len(stop_ids), 8)
+                for step in range(steps):
+                    await asyncio.sleep(0.005)
+                    last = step == steps - 1
+                    one = stop_ids[step] if step < len(stop_ids) else filler[0]
+                    deltas = [SeqDelta(0, [filler[step % len(filler)]], None,
+                                       "length" if last else None),
+                              SeqDelta(1, [one], None, "length" if last else None)]
+                    queue.put_nowait([(request_id, StreamChunk(len(prompt), deltas, last))])
+
+            asyncio.ensure_future(play())
+
+    worker = TwoSamples("w0")
+    client = ClusterClient(Router([worker]))
+    prompt = [5, 6, 7]
+    samples = [[SampleText(tok, prompt, [" the end"]) for _ in range(2)]]
+    gen = Generation(client, "cmpl-x", [prompt], {"n": 2, "max_tokens": 8}, samples)
+
+    async def main():
+        async for _ in gen.stream():
+            pass
+        await asyncio.sleep(0.05)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert samples[0][1].finish_reason == "stop" and samples[0][1].stop_reason == " the end"
+    assert samples[0][0].finish_reason == "length"
+    assert worker.finished_samples == [("cmpl-x-0/0", 1)]
+
+
+class _Silent(Worker):
+    """Streams two chunks, then nothing more (its engine hangs in a step)."""
+
+    async def _submit(self, channel_id, request_id, prompt, params):
+        self.submitted.append((request_id, list(prompt), dict(params)))
+        queue = self.queues.setdefault(channel_id, asyncio.Queue())
+        for step in range(2):
+            queue.put_nowait([(request_id, StreamChunk(len(prompt), [
+                SeqDelta(0, [100 + len(prompt) + step], None, None)], False))])
+
+
+def _collect(client, params):
+    async def main():
+        tokens = []
+        async for chunk in client.generate("r", [1, 2, 3], params):
+            for d in chunk.deltas:
+                tokens += d.token_ids
+        return tokens
+    return asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_stream_whose_worker_is_stuck_fails_over():
+    """No chunk for stall_check_s: the router checks the worker; it drops it (its engine
+    is stuck), and the stream continues on the next worker from the tokens it has."""
+    stuck, healthy = _Silent("w0"), Worker("w1")
+    router = Router([stuck, healthy])
+    checked = []
+
+    async def dropped(worker_id):
+        checked.append(worker_id)
+        return True
+
+    router.worker_failed = _M(dropped)
+    client = ClusterClient(router, stall_check_s=0.2)
+    tokens = _collect(client, {"n": 1, "max_tokens": 6})
+    assert checked and checked[0] == "w0"
+    assert tokens == [103, 104, 105, 106, 107, 108]
+    (rid, prompt, params), = healthy.submitted
+    assert prompt == [1, 2, 3, 103, 104] and params["max_tokens"] == 4
+
+
+def test_a_slow_but_healthy_worker_is_waited_for():
+    """Silence alone is no failure: the router finds the worker healthy, the client keeps
+    waiting, and the stream finishes where it started."""
+    class Slow(Worker):
+        async def _submit(self, channel_id, request_id, prompt, params):
+            async def later():
+                await asyncio.sleep(0.6)  # queued in its engine: longer than two checks
+                await Worker._submit(self, channel_id, request_id, prompt, params)
+
+            asyncio.ensure_future(later())
+
+    slow, other = Slow("w0"), Worker("w1")
+    router = Router([slow, other])
+    checks = []
+
+    async def healthy(worker_id):
+        checks.append(worker_id)
+        return False
+
+    router.worker_failed = _M(healthy)
+    tokens = _collect(ClusterClient(router, stall_check_s=0.2), {"n": 1, "max_tokens": 4})
+    assert len(tokens) == 4 and checks and not other.submitted

@@ -96,3 +96,35 @@ def test_abort_and_closed_channel_free_blocks(path):
     assert load.kv_blocks_free == load.kv_blocks_total
     assert load.running == 0 and load.requests_in_flight == 0
     assert load.num_generated_tokens < 900  # b was stopped too, long before its end
+
+
+def test_an_engine_stuck_in_one_step_fails_the_health_check(path):
+    """A step that never returns (a hung device) cannot report itself: the worker's health
+    check sees how long the step has run and fails past stuck_timeout_s, so the router
+    drops the worker; a request that fails alone leaves the worker healthy."""
+    import threading
+
+    async def main():
+        worker = _worker(path, stuck_timeout_s=0.3)
+        llm = worker.engine.engine
+        release = threading.Event()
+        step = llm.step
+
+        def hung_step():
+            release.wait(10)
+            return step()
+
+        llm.step = hung_step
+        assert await worker.health()
+        await worker.submit("c", "r", [5, 6, 7], dict(PARAMS))
+        await asyncio.sleep(0.6)
+        with pytest.raises(RuntimeError, match="engine stuck: one step has run"):
+            await worker.health()
+        assert not (await worker.load()).healthy
+        release.set()
+        llm.step = step
+        await asyncio.sleep(0.2)
+        assert await worker.health()  # the step ended: no longer stuck
+        await worker.engine.shutdown()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

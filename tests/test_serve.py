@@ -423,6 +423,12 @@ COMPLETIONS_BAD = [
     ({"prompt": "x", "top_k": 2 ** 63}, 400, "top_k"),
     ({"prompt": "x", "seed": 2 ** 64}, 400, "seed"),
     ({"prompt": "x", "stop_token_ids": [10 ** 6], "min_tokens": 1}, 400, "stop_token_ids"),
+    # what one request may cost (the server's default limits)
+    ({"prompt": "x", "stop": [f"s{i}" for i in range(17)]}, 400, "stop"),
+    ({"prompt": "x", "stop": ["x" * 257]}, 400, "stop"),
+    ({"prompt": "x", "bad_words": [f"w{i}" for i in range(65)]}, 400, "bad_words"),
+    ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
+    ({"prompt": "x", "guided_regex": "a" * 70000}, 400, "guided_regex"),
 ]
 
 CHAT_BAD = [

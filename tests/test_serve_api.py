@@ -102,7 +102,7 @@ def tokenizer(make_checkpoint):
     return AutoTokenizer.from_pretrained(make_checkpoint("llama")[0])
 
 
-def serve_app(tokenizer, router):
+def serve_app(tokenizer, router, server_hook=None):
     """Run the app on a free port in a thread; returns (url, stop)."""
     import uvicorn
 
@@ -113,6 +113,8 @@ def serve_app(tokenizer, router):
 
     server = OpenAIHandler(tokenizer, ModelFacts("m", 256, 512), ClusterClient(router),
                            disconnect_poll_s=0.05)
+    if server_hook is not None:
+        server_hook(server)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -266,3 +268,35 @@ def test_metrics_pages_merge_per_family():
     assert merge([a, b, ""]).splitlines() == [
         "# HELP ray_raysvc_x Requests.", "# TYPE ray_raysvc_x gauge",
         'ray_raysvc_x{WorkerId="1"} 3', 'ray_raysvc_x{WorkerId="2"} 4']
+
+
+def test_planning_a_request_does_not_stall_the_event_loop(tokenizer):
+    """A request whose checks, chat template and tokenization take long (a huge prompt, a
+    big schema) is planned off the replica's event loop: other routes answer meanwhile."""
+    def slow_start(server):
+        start = server.start
+
+        def slow(body, chat, *args, **kwargs):
+            time.sleep(1.5)  # a planning step that holds the GIL-free thread, not the loop
+            return start(body, chat, *args, **kwargs)
+
+        server.start = slow
+
+    url, stop = serve_app(tokenizer, FakeRouter([FakeWorker()]), server_hook=slow_start)
+    try:
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                slow = asyncio.ensure_future(s.post(url + "/v1/completions", json=BODY))
+                await asyncio.sleep(0.2)
+                t0 = time.monotonic()
+                async with s.get(url + "/version") as r:
+                    assert r.status == 200
+                took = time.monotonic() - t0
+                async with await slow as r:
+                    assert r.status == 200, await r.text()
+                return took
+
+        took = asyncio.run(asyncio.wait_for(main(), 30))
+        assert took < 0.5, f"/version waited {took:.2f}s behind a request's planning"
+    finally:
+        stop()

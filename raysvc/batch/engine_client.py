@@ -19,6 +19,7 @@ from raysvc.engine.async_engine import RequestFailedError
 class EngineClient:
     def __init__(self, engine) -> None:
         self.engine = engine  # raysvc.engine.async_engine.AsyncEngine (token ids only)
+        self._pending: set = set()  # finish_sample calls in flight (kept from collection)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: dict[str, Any], n: int = 1) -> AsyncIterator[StreamChunk]:
@@ -34,3 +35,12 @@ class EngineClient:
             raise RequestFailed(str(e)) from e
         finally:  # leaving early (stop string, error) aborts the request in the engine
             await stream.aclose()
+
+    def finish_sample(self, request_id: str, index: int) -> None:
+        """As `ClusterClient.finish_sample`: the sample's stop string was found by the
+        caller; end it in the engine now."""
+        import asyncio
+
+        task = asyncio.ensure_future(self.engine.finish_sample(request_id, index))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)

@@ -8,8 +8,10 @@
    or engine settings refuses unless `--overwrite`.
 3. Ray Data streams the remaining lines (`JsonlLines`) through the engine actors
    (`EngineStage`, the processor's stage in "openai" mode) and back to this process, which
-   appends each output line, flushed as it goes: a kill at any moment loses at most the
-   rows in flight, which the next run redoes. Memory here holds a block, not the file.
+   appends each output line, flushed as it goes. The engine actors hand rows back as they
+   finish (a few at a time, not a batch at once), so a kill at any moment loses at most
+   the rows in flight, which the next run redoes. Memory here holds a block, not the
+   file. One job writes an OUTPUT at a time (a lock); a rerun resumes.
 4. Progress on stderr: rows done / total, rows/s, output tokens/s, ETA, failed; then a
    summary line, and `--summary-json`.
 """
@@ -24,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from raysvc.batch.openai_file import OutputFile, check_input
+from raysvc.batch.openai_file import OutputFile, check_input, id_hash
 
 OBJECT_STORE_BUDGET = 128 << 20  # bytes of rows in flight through the pipeline
 
@@ -86,12 +88,15 @@ def run(args) -> int:
             "engine": json.loads(json.dumps(args.engine, sort_keys=True, default=str)),
             "created": int(os.stat(args.input).st_mtime)}
     out = OutputFile(args.output)
-    done, meta = out.open(meta, args.overwrite)
-    summary = Summary(total=check.total, resumed=len(done))
-    start = time.monotonic()
-    if summary.resumed < check.total:
-        _process(args, config, done, meta["created"], out, summary)
-    summary.seconds = round(time.monotonic() - start, 3)
+    try:
+        done, meta = out.open(meta, args.overwrite)
+        summary = Summary(total=check.total, resumed=len(done))
+        start = time.monotonic()
+        if summary.resumed < check.total:
+            _process(args, config, done, meta["created"], out, summary)
+        summary.seconds = round(time.monotonic() - start, 3)
+    finally:
+        out.close()
     print(f"raysvc batch: {summary.total} rows: {summary.completed} completed, "
           f"{summary.failed} failed, {summary.resumed} resumed; {summary.prompt_tokens} prompt "
           f"+ {summary.output_tokens} output tokens in {summary.seconds:.1f}s -> {args.output}",
@@ -139,12 +144,19 @@ def _process(args, config, done, created: int, out: OutputFile, summary: Summary
         print(f"raysvc batch: {summary.total - summary.resumed} row(s) to run "
               f"({summary.resumed} already in {args.output}); starting engine actor(s)...",
               file=sys.stderr, flush=True)
+        # A retried stage task (its actor died) yields again the rows it had yielded
+        # before: each custom_id is written once.
+        written = set(done.tolist())
         with out.appender() as f:
             last_sync = time.monotonic()
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for line, status, p_tok, o_tok in zip(batch["output"], batch["status_code"],
-                                                      batch["prompt_tokens"],
-                                                      batch["output_tokens"], strict=True):
+                for custom_id, line, status, p_tok, o_tok in zip(
+                        batch["custom_id"], batch["output"], batch["status_code"],
+                        batch["prompt_tokens"], batch["output_tokens"], strict=True):
+                    key = id_hash(str(custom_id))
+                    if key in written:
+                        continue
+                    written.add(key)
                     f.write(str(line) + "\n")
                     if int(status) == 200:
                         summary.completed += 1

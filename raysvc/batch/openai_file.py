@@ -95,18 +95,30 @@ def _confirm_duplicates(path, collide: set[int], check: InputCheck) -> None:
 
 
 class OutputFile:
-    """The output JSONL and its meta file; `open` decides between start, resume, refuse."""
+    """The output JSONL and its meta file; `open` decides between start, resume, refuse.
+
+    One writer at a time: `open` takes an exclusive lock (`OUTPUT.lock`, flock) held until
+    `close`, so a second job on the same OUTPUT refuses instead of interleaving lines; the
+    kernel drops the lock with its process, so a killed job never blocks its rerun.
+    Durability: the meta is written to a temporary file, fsynced, renamed and its folder
+    fsynced before any row; the output is fsynced every few seconds and at the end.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.meta_path = Path(f"{self.path}.meta.json")
+        self.lock_path = Path(f"{self.path}.lock")
+        self._lock_fd: int | None = None
 
     def open(self, meta: dict, overwrite: bool) -> tuple[np.ndarray, dict]:
         """Prepare to append; return (sorted hashes of the custom_ids already done, the
-        meta to keep). ValueError (saying why) if OUTPUT exists from other inputs."""
+        meta to keep). ValueError (saying why) if OUTPUT exists from other inputs, is
+        damaged, or another job is writing it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock()
         if overwrite or not self.path.exists() or self.path.stat().st_size == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_bytes(b"")
+            with open(self.path, "wb") as f:
+                os.fsync(f.fileno())
             self._write_meta(meta)
             return np.zeros(0, dtype=np.uint64), meta
         if not self.meta_path.exists():
@@ -122,10 +134,39 @@ class OutputFile:
         self._repair()
         return self._done(), {**meta, "created": old.get("created", meta["created"])}
 
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _lock(self) -> None:
+        import fcntl
+
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ValueError(f"{self.path} is being written by another raysvc batch "
+                             f"(pid {holder}, lock {self.lock_path.name}); wait for it or "
+                             f"write elsewhere") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
     def _write_meta(self, meta: dict) -> None:
         tmp = self.meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(meta, indent=1, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.meta_path)
+        fd = os.open(self.meta_path.parent, os.O_RDONLY)  # the rename itself
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _repair(self) -> None:
         """Cut a torn last line (the writer died mid-line) off."""
@@ -147,12 +188,23 @@ class OutputFile:
                 end = 0
             if end != size:
                 f.truncate(end)
+                os.fsync(f.fileno())
 
     def _done(self) -> np.ndarray:
+        """The custom_ids already answered; a line that is not one of ours (a torn line
+        is cut before this) names itself: resuming past it could lose or repeat rows."""
         hashes = array("Q")
         with open(self.path, "rb") as f:
-            for raw in f:
-                hashes.append(id_hash(json.loads(raw)["custom_id"]))
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    custom_id = json.loads(raw)["custom_id"]
+                    if not isinstance(custom_id, str):
+                        raise TypeError("custom_id is not a string")
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{self.path}:{lineno}: not an output line of raysvc "
+                                     f"batch ({type(e).__name__}: {e}); fix or delete that "
+                                     f"line to resume, or pass --overwrite") from None
+                hashes.append(id_hash(custom_id))
         return np.sort(np.frombuffer(hashes, dtype=np.uint64))
 
     def appender(self):

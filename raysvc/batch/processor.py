@@ -85,17 +85,21 @@ class ProcessorConfig(BaseModel):
 
 def engine_stage(ds, config: ProcessorConfig, mode: str, created: int = 0):
     """`ds` through an autoscaling pool of `EngineStage` actors."""
+    import ray
     from ray.data import ActorPoolStrategy
 
+    from raysvc.batch.quarantine import RowLedger
     from raysvc.batch.stage import EngineStage
 
     lo, hi = config.pool()
     gpus = config.gpus()
+    # the rows that killed an engine, kept across the stage actors' restarts
+    ledger = ray.remote(RowLedger).options(num_cpus=0, max_restarts=-1).remote()
     return ds.map_batches(
         EngineStage,
         fn_constructor_kwargs=dict(
             model=config.model, engine_kwargs=config.engine_kwargs, served_name=config.name(),
-            mode=mode, created=created,
+            mode=mode, created=created, ledger=ledger,
             torch_threads=config.torch_threads or max(int(config.num_cpus_per_worker), 1)),
         batch_size=config.batch_size, batch_format="numpy",
         compute=ActorPoolStrategy(min_size=lo, max_size=hi,

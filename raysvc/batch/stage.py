@@ -14,7 +14,9 @@ Two row shapes:
   (text) or `messages` (chat), and optional `sampling_params` (the request fields:
   max_tokens, temperature, ...); the results are `generated_text`, `num_input_tokens`,
   `num_generated_tokens` and `error` (None, or the error message a bad row earned).
-A bad row never fails its batch: it gets its error, the other rows go on.
+A bad row never fails its batch: it gets its error, the other rows go on. A row whose
+request breaks the engine itself is found by isolation and answered with an error line
+(`raysvc/batch/quarantine.py`), so the job completes.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from typing import Any
 
 import numpy as np
 
 from raysvc.serve.errors import APIError
+
+FLUSH_S = 0.5  # how often finished rows of a running batch go back to the job
+LEDGER_TIMEOUT_S = 10.0
 
 
 def stable_id(custom_id: str) -> str:
@@ -37,7 +43,7 @@ def stable_id(custom_id: str) -> str:
 class EngineStage:
     def __init__(self, model: str | None, engine_kwargs: dict[str, Any], served_name: str,
                  mode: str = "prompt", created: int = 0, torch_threads: int | None = None,
-                 max_n: int = 16) -> None:
+                 max_n: int = 16, ledger: Any = None) -> None:
         import torch
 
         from raysvc.batch.engine_client import EngineClient
@@ -63,35 +69,116 @@ class EngineStage:
         self.served_name = served_name
         self.mode = mode
         self.created = created
+        from raysvc.batch.quarantine import Isolation
 
-    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        out = await self._run(batch)
-        if self.engine.failure is not None:
-            # Its rows may carry the failure as a 500: written, they would count as done.
-            # End this actor instead; Ray Data restarts it and runs the batch again.
-            import logging
-            import os
+        self.ledger = ledger  # a RowLedger actor: which rows killed an engine before
+        self.isolation = Isolation()
+        self._in_flight: set[str] = set()  # rows running in the engine now
+        self._failed_alone: str | None = None  # the suspect whose turn alone failed it
 
-            logging.getLogger(__name__).error("engine failed (%r); restarting the actor",
-                                              self.engine.failure)
-            os._exit(1)
-        return out
-
-    async def _run(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    async def __call__(self, batch: dict[str, np.ndarray]):
+        """The batch's results, as an async generator: in "openai" mode rows go back as
+        they finish (every FLUSH_S), so the job writes them long before the batch ends
+        and a killed job loses only the rows in flight; in "prompt" mode (a pipeline's
+        rows and columns) the whole batch at once."""
         rows = len(next(iter(batch.values())))
+        keys = [self._key(batch, i) for i in range(rows)]
+        status = await self._ledger_status(keys)
+        tasks = [asyncio.ensure_future(self._row(batch, i, keys[i], status.get(keys[i])))
+                 for i in range(rows)]
+        try:
+            if self.mode != "openai":
+                results = await asyncio.gather(*tasks)
+                await self._exit_if_engine_failed()
+                out = {k: list(v) for k, v in batch.items()}
+                for key in ("generated_text", "num_input_tokens", "num_generated_tokens",
+                            "error"):
+                    out[key] = [r[key] for r in results]
+                yield out
+                return
+            pending, ready, last = set(tasks), set(), float("-inf")
+            while pending or ready:
+                if pending:  # the first rows go at once, later ones at most every FLUSH_S
+                    wait = None if not ready else max(0.0, last + FLUSH_S - time.monotonic())
+                    done, pending = await asyncio.wait(pending, timeout=wait,
+                                                       return_when=asyncio.FIRST_COMPLETED)
+                    ready |= done
+                if ready and (not pending or time.monotonic() - last >= FLUSH_S):
+                    # a row that ended because the engine failed must not be written
+                    await self._exit_if_engine_failed()
+                    results = [t.result() for t in tasks if t in ready]
+                    ready, last = set(), time.monotonic()
+                    yield {"custom_id": [r[0] for r in results],
+                           "output": [r[1] for r in results],
+                           "status_code": [r[2] for r in results],
+                           "prompt_tokens": [r[3] for r in results],
+                           "output_tokens": [r[4] for r in results]}
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _key(self, batch: dict[str, np.ndarray], i: int) -> str:
         if self.mode == "openai":
-            results = await asyncio.gather(*(self._openai(batch["line"][i])
-                                             for i in range(rows)))
-            return {"custom_id": [r[0] for r in results], "output": [r[1] for r in results],
-                    "status_code": [r[2] for r in results],
-                    "prompt_tokens": [r[3] for r in results],
-                    "output_tokens": [r[4] for r in results]}
-        results = await asyncio.gather(*(self._prompt({k: v[i] for k, v in batch.items()})
-                                         for i in range(rows)))
-        out = {k: list(v) for k, v in batch.items()}
-        for key in ("generated_text", "num_input_tokens", "num_generated_tokens", "error"):
-            out[key] = [r[key] for r in results]
-        return out
+            return json.loads(batch["line"][i])["custom_id"]
+        row = {k: _plain(v[i]) for k, v in batch.items()}
+        return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
+
+    async def _ledger_status(self, keys: list[str]) -> dict[str, str]:
+        if self.ledger is None:
+            return {}
+        return await asyncio.wait_for(self.ledger.status.remote(keys), LEDGER_TIMEOUT_S)
+
+    async def _row(self, batch: dict[str, np.ndarray], i: int, key: str,
+                   state: str | None):
+        """One row: condemned rows are answered at once; a suspect runs alone."""
+        if state == "condemned":
+            return self._condemned(batch, i, key)
+        suspect = state == "suspect"
+        async with self.isolation.turn(key, suspect):
+            ran = self.engine.failure is None  # else it fails at once: no part in the failure
+            if ran:
+                self._in_flight.add(key)
+            try:
+                if self.mode == "openai":
+                    return await self._openai(batch["line"][i])
+                return await self._prompt({k: v[i] for k, v in batch.items()})
+            finally:
+                if self.engine.failure is None:
+                    self._in_flight.discard(key)
+                elif ran and suspect and self._failed_alone is None:
+                    self._failed_alone = key  # the engine failed during its turn alone
+
+    def _condemned(self, batch: dict[str, np.ndarray], i: int, key: str):
+        message = ("this request failed its engine twice, the second time running alone; "
+                   "it is not retried")
+        if self.mode != "openai":
+            return {"generated_text": None, "num_input_tokens": 0, "num_generated_tokens": 0,
+                    "error": message}
+        body = APIError(500, message, type="internal_error", code="request_failed").body()
+        return (key, json.dumps(_output_line(key, 500, body)), 500, 0, 0)
+
+    async def _exit_if_engine_failed(self) -> None:
+        """A failed engine cannot finish its rows, and its 500s must not be written as
+        answers: tell the ledger which rows were in flight (the suspect running alone,
+        if one was, is condemned), then end this actor; Ray Data restarts it and runs
+        the batch again."""
+        failure = self.engine.failure
+        if failure is None:
+            return
+        import logging
+        import os
+
+        logging.getLogger(__name__).error("engine failed (%r) with %d row(s) in flight; "
+                                          "restarting the actor", failure,
+                                          len(self._in_flight))
+        if self.ledger is not None:
+            try:
+                await asyncio.wait_for(self.ledger.engine_failed.remote(
+                    sorted(self._in_flight), self._failed_alone, repr(failure)),
+                    LEDGER_TIMEOUT_S)
+            except Exception as e:  # the restart still happens; the rows only lose a strike
+                logging.getLogger(__name__).warning("row ledger unreachable: %r", e)
+        os._exit(1)
 
     async def _respond(self, url: str, body: Any, request_key: str) -> tuple[int, dict]:
         """(HTTP status, response body) exactly as `raysvc serve` would answer."""
@@ -123,11 +210,7 @@ class EngineStage:
         else:
             status, body = await self._respond(env["url"], env["body"], custom_id)
         usage = body.get("usage") or {}
-        out = {"id": f"batch_req_{stable_id(custom_id)}", "custom_id": custom_id,
-               "response": {"status_code": status, "request_id": body.get("id", ""),
-                            "body": body},
-               "error": None}
-        return (custom_id, json.dumps(out), status,
+        return (custom_id, json.dumps(_output_line(custom_id, status, body)), status,
                 int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
 
     async def _prompt(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +231,14 @@ class EngineStage:
         text = choice["message"]["content"] if messages is not None else choice["text"]
         return {"generated_text": text, "num_input_tokens": resp["usage"]["prompt_tokens"],
                 "num_generated_tokens": resp["usage"]["completion_tokens"], "error": None}
+
+
+def _output_line(custom_id: str, status: int, body: dict) -> dict:
+    """One line of an OpenAI batch output file."""
+    return {"id": f"batch_req_{stable_id(custom_id)}", "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": body.get("id", ""),
+                         "body": body},
+            "error": None}
 
 
 def _plain(value: Any) -> Any:

@@ -138,12 +138,16 @@ class ClusterClient:
     `router_wait_s` bounds how long a request waits for a router that is restarting."""
 
     def __init__(self, router: Any, max_attempts: int = 3,
-                 resolve: Callable[[], Any] | None = None, router_wait_s: float = 30.0) -> None:
+                 resolve: Callable[[], Any] | None = None, router_wait_s: float = 30.0,
+                 stall_check_s: float = 30.0) -> None:
         self.router = router  # ray ActorHandle of a Router
         self.max_attempts = max_attempts
         self.resolve = resolve
         self.router_wait_s = router_wait_s
+        # a stream silent this long asks the router whether its worker is stuck
+        self.stall_check_s = stall_check_s
         self._channels: dict[str, _ChannelReader] = {}  # worker id -> channel
+        self._live: dict[str, Ticket] = {}  # request id -> the ticket it streams from now
 
     async def _acquire(self, *args: Any) -> Ticket | None:
         """The router's ticket, waiting out a router restart (bounded by router_wait_s)."""
@@ -199,6 +203,7 @@ class ClusterClient:
                 if ticket is None:
                     return
                 channel = self._channel(ticket)
+                self._live[request_id] = ticket
                 queue = channel.queues[ticket_id] = asyncio.Queue()
                 try:
                     await ticket.worker.submit.remote(channel.id, ticket_id, prompt,
@@ -208,7 +213,7 @@ class ClusterClient:
                         raise _EngineFailed(f"worker {ticket.worker_id}: engine failed") from e
                     raise
                 while not finished:
-                    item = _take(queue, await queue.get())
+                    item = _take(queue, await self._next(queue, ticket))
                     if isinstance(item, BaseException):
                         raise item
                     if item.handed_over:
@@ -246,11 +251,38 @@ class ClusterClient:
                     raise WorkerDied(f"request {request_id}: {failures} workers died while "
                                      f"serving it; giving up") from e
             finally:
+                if self._live.get(request_id) is ticket:
+                    del self._live[request_id]
                 if channel is not None:
                     channel.queues.pop(ticket_id, None)
                 if ticket is not None and not finished:
                     ticket.worker.abort.remote(ticket_id)
                 self.router.release.remote(ticket_id)
+
+    async def _next(self, queue: asyncio.Queue, ticket: Ticket):
+        """The stream's next item. A request may rightly wait long (queued in its worker's
+        engine behind a full batch), so silence alone proves nothing: every stall_check_s
+        without a chunk the router checks the worker's health (which fails when its engine
+        is stuck in one step), and a worker it drops fails this stream over."""
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), self.stall_check_s)
+            except TimeoutError:
+                dropped = await self.router.worker_failed.remote(ticket.worker_id)
+                if dropped:
+                    raise _EngineFailed(f"worker {ticket.worker_id} sent nothing for "
+                                        f"{self.stall_check_s:g}s and failed its health "
+                                        f"check (stuck)") from None
+
+    def finish_sample(self, request_id: str, index: int) -> None:
+        """Sample `index` of `request_id` is done (the caller found a stop string): end it
+        on its worker now, so it stops spending a batch slot and KV blocks while the other
+        samples go on. After a failover each sample is its own request: that one ends."""
+        ticket = self._live.get(request_id)
+        if ticket is not None:
+            ticket.worker.finish_sample.remote(ticket.ticket_id, index)
+        elif (sub := self._live.get(f"{request_id}.s{index}")) is not None:
+            sub.worker.abort.remote(sub.ticket_id)
 
     async def _continue_samples(self, request_id: str, prompt_token_ids: list[int],
                                 params: dict[str, Any], outputs: dict[int, list[int]],

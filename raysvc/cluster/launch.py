@@ -73,6 +73,7 @@ class WorkerSpec:
     resources: dict[str, float] = field(default_factory=dict)
     torch_threads: int | None = None  # None: int(num_cpus) on CPU (>= 1)
     stream_interval_s: float = 0.0
+    stuck_timeout_s: float = 300.0  # one engine step longer than this: the worker is stuck
     max_restarts: int = 0  # > 0: Ray restarts a dead worker, which re-joins its router
     # draft-model actor pool (raysvc.cluster.draft_pool) serving this worker's speculation:
     # handles, or names (an application's: a restarted worker looks them up)
@@ -144,7 +145,7 @@ def start_worker(worker_id: str, spec: WorkerSpec, router: Any = None) -> Any:
         router = spec.names.router
     return ray.remote(LLMWorker).options(**options).remote(
         worker_id, spec.engine_kwargs, spec.threads(), spec.stream_interval_s, router,
-        spec.draft_actors)
+        spec.draft_actors, spec.stuck_timeout_s)
 
 
 def add_workers(router: Any, spec: WorkerSpec, num_workers: int, prefix: str = "worker",

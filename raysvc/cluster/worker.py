@@ -61,7 +61,8 @@ class _ChannelState:
 class LLMWorker:
     def __init__(self, worker_id: str, engine_kwargs: dict[str, Any] | None = None,
                  torch_threads: int | None = None, stream_interval_s: float = 0.0,
-                 router: Any = None, draft_actors: list[Any] | None = None) -> None:
+                 router: Any = None, draft_actors: list[Any] | None = None,
+                 stuck_timeout_s: float = 300.0) -> None:
         import torch
 
         if torch_threads:
@@ -78,6 +79,7 @@ class LLMWorker:
         llm = self.engine.engine
         self.worker_id = worker_id
         self.stream_interval_s = stream_interval_s
+        self.stuck_timeout_s = stuck_timeout_s
         self._info = WorkerInfo(
             worker_id=worker_id, node_id=_node_id(), pid=os.getpid(), device=str(llm.device),
             model=str(llm.model_path), max_model_len=llm.max_model_len,
@@ -103,7 +105,7 @@ class LLMWorker:
         stats = await self.engine.stats()
         return WorkerLoad.from_engine_stats(
             stats, tokens_in_flight=sum(self._tokens.values()),
-            requests_in_flight=len(self._tokens), healthy=self._failure is None,
+            requests_in_flight=len(self._tokens), healthy=self._problem() is None,
             request_ids=list(self._tokens))
 
     def requests(self) -> list[tuple[str, int, int]]:
@@ -112,10 +114,20 @@ class LLMWorker:
         return [(rid, *self._shape[rid]) for rid in self._tokens if rid in self._shape]
 
     async def health(self) -> bool:
-        """Raises if the engine's step loop failed, so the router drops this worker."""
-        if self._failure is not None:
-            raise RuntimeError(f"worker {self.worker_id}: engine failed: {self._failure!r}")
+        """Raises if the engine's step loop failed or is stuck in one step, so the router
+        drops this worker (and streams waiting on it fail over)."""
+        problem = self._problem()
+        if problem is not None:
+            raise RuntimeError(f"worker {self.worker_id}: {problem}")
         return True
+
+    def _problem(self) -> str | None:
+        if self._failure is not None:
+            return f"engine failed: {self._failure!r}"
+        if self.engine.step_running_s > self.stuck_timeout_s:
+            return (f"engine stuck: one step has run {self.engine.step_running_s:.0f}s "
+                    f"(bound {self.stuck_timeout_s:g}s)")
+        return None
 
     async def kv_events(self, epoch: str, acked_step: int, wait_s: float = 1.0) -> KVEventsReply:
         """The KV events after `acked_step` (or a snapshot); waits up to `wait_s` for some."""
@@ -181,6 +193,11 @@ class LLMWorker:
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
+
+    async def finish_sample(self, request_id: str, index: int) -> None:
+        """End sample `index` of an n > 1 request (its ingress found a stop string): its
+        blocks are freed now, the request's other samples go on."""
+        await self.engine.finish_sample(request_id, index)
 
     async def hand_over(self) -> int:
         """End every request here with a hand-over mark (this worker is being drained past

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,11 +34,13 @@ class AsyncEngine:
     def __init__(self, model: str | None = None, proposer=None, **kwargs) -> None:
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs), proposer)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="raysvc-engine")
+        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="raysvc-grammar-compile")
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._has_work: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._ids = itertools.count()
         self._dead: BaseException | None = None
+        self._step_started: float | None = None
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -64,6 +67,8 @@ class AsyncEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already in use")
+        if params is not None and params.structured_outputs is not None:
+            await self._compile(params)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         try:
@@ -73,6 +78,21 @@ class AsyncEngine:
             raise
         self._has_work.set()
         return self._stream(request_id, queue)
+
+    async def _compile(self, params: SamplingParams) -> None:
+        """Compile the request's grammar on the compile thread, bounded in time, so the
+        step thread (every other request) never waits on it; add_request then finds it
+        cached. A compilation past the bound goes on in the background (cached when done)
+        and this request is refused."""
+        timeout = self.engine.config.grammar_compile_timeout_s
+        work = asyncio.get_running_loop().run_in_executor(self._compiler, self.engine._compile,
+                                                          params)
+        try:
+            await asyncio.wait_for(asyncio.shield(work), timeout)
+        except TimeoutError:
+            kind = params.structured_outputs.kind
+            raise ValueError(f"structured_outputs.{kind}: compiling it took longer than "
+                             f"{timeout:g}s; simplify the constraint") from None
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -127,6 +147,13 @@ class AsyncEngine:
         return await self._call(self.engine.cached_block_hashes)
 
     @property
+    def step_running_s(self) -> float:
+        """How long the step now running has run (0 between steps): a step that never
+        ends (a hung device, a deadlock) shows here while the thread cannot say so."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    @property
     def failure(self) -> BaseException | None:
         """The exception that stopped the step loop, or None while the engine is healthy."""
         return self._dead
@@ -137,6 +164,7 @@ class AsyncEngine:
                 self._has_work.clear()
                 await self._has_work.wait()
                 continue
+            self._step_started = time.monotonic()
             try:
                 outputs = await self._call(self.engine.step)
             except Exception as e:  # a failed step leaves the engine's state unknown
@@ -144,6 +172,8 @@ class AsyncEngine:
                 for queue in self._streams.values():
                     queue.put_nowait(e)
                 raise
+            finally:
+                self._step_started = None
             for out in outputs:
                 queue = self._streams.get(out.request_id)
                 if queue is not None:
@@ -153,3 +183,4 @@ class AsyncEngine:
         if self._loop_task is not None:
             self._loop_task.cancel()
         self._thread.shutdown(wait=False, cancel_futures=True)
+        self._compiler.shutdown(wait=False, cancel_futures=True)

@@ -32,6 +32,10 @@ class EngineConfig:
     # model's rounds): for debugging and for measuring what the graphs save.
     enforce_eager: bool = False
     seed: int = 0
+    # A structured-output constraint that takes longer to compile is refused (ValueError
+    # naming the field); the AsyncEngine compiles off its step thread, so no other
+    # request waits meanwhile.
+    grammar_compile_timeout_s: float = 10.0
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -68,6 +72,10 @@ class EngineConfig:
         positive("max_num_seqs")
         positive("max_num_batched_tokens")
         positive("max_model_len", allow_none=True)
+        timeout = self.grammar_compile_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(f"grammar_compile_timeout_s: must be a positive number of "
+                             f"seconds, got {timeout!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"

@@ -8,6 +8,7 @@ No Ray and no asyncio here; `AsyncEngine` and the worker actor wrap it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from functools import cached_property
@@ -103,6 +104,7 @@ class LLMEngine:
         self.num_computed_tokens = 0
         self.num_steps = 0
         self.num_failed_requests = 0  # ended by an exception of their own inside a step
+        self._grammars_lock = threading.Lock()
         self._kv_event_subscribers: list[Callable[[KVEventBatch], None]] = []
 
     # -- requests --------------------------------------------------------------------
@@ -167,14 +169,16 @@ class LLMEngine:
 
     def _compile(self, params: SamplingParams):
         """The request's grammar, compiled (cached per constraint); ValueError naming the
-        field when the constraint is malformed."""
+        field when the constraint is malformed. Thread-safe (`AsyncEngine` calls it off
+        the step thread first)."""
         if params.structured_outputs is None:
             return None
-        if self.grammars is None:
-            from raysvc.engine.structured_output import GrammarCompiler
+        with self._grammars_lock:
+            if self.grammars is None:
+                from raysvc.engine.structured_output import GrammarCompiler
 
-            self.grammars = GrammarCompiler(self.vocabulary, self.model_config.vocab_size,
-                                            self.eos_token_ids)
+                self.grammars = GrammarCompiler(self.vocabulary, self.model_config.vocab_size,
+                                                self.eos_token_ids)
         return self.grammars.compile(params.structured_outputs)
 
     def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:

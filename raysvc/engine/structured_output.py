@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -116,18 +117,26 @@ class GrammarCompiler:
         self._filler = ThreadPoolExecutor(1, thread_name_prefix="raysvc-grammar")
         self._cache: dict[tuple[str, str], Any] = {}
         self._cache_size = cache_size
+        self._lock = threading.Lock()  # the cache: compiled off the step thread, read on it
 
     def compile(self, params: StructuredOutputsParams):
+        """The compiled grammar, from the cache or compiled now (thread-safe: AsyncEngine
+        compiles on its own thread, with a time bound, before the request reaches the
+        step thread, which then finds it here)."""
         key = params.key()
-        compiled = self._cache.pop(key, None)  # re-inserted: most recently used last
-        if compiled is None:
-            try:
-                compiled = self._compiler.compile_grammar(_grammar(self._xgr, params))
-            except (RuntimeError, ValueError, TypeError) as e:
-                raise ValueError(f"structured_outputs.{params.kind}: {_message(e)}") from e
+        with self._lock:
+            compiled = self._cache.pop(key, None)  # re-inserted: most recently used last
+            if compiled is not None:
+                self._cache[key] = compiled
+                return compiled
+        try:
+            compiled = self._compiler.compile_grammar(_grammar(self._xgr, params))
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"structured_outputs.{params.kind}: {_message(e)}") from e
+        with self._lock:
             if len(self._cache) >= self._cache_size:
                 del self._cache[next(iter(self._cache))]
-        self._cache[key] = compiled
+            self._cache[key] = compiled
         return compiled
 
     def matcher(self, compiled):

@@ -126,7 +126,9 @@ def _digest(a: ServeArgs) -> str:
                                     "ingress_graceful_shutdown_timeout_s", "tool_call_parser",
                                     "trust_request_chat_template", "allowed_origins",
                                     "allow_unauthenticated", "metrics_public",
-                                    "enable_fastapi_docs",
+                                    "enable_fastapi_docs", "max_stop_strings",
+                                    "max_stop_string_length", "max_bad_words",
+                                    "max_logit_bias", "max_structured_output_bytes",
                                     "served_model_name"})
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()
                           ).hexdigest()[:8]
@@ -175,6 +177,7 @@ class OpenAIIngress:
         model = ModelFacts(name=a.model_name(), max_model_len=facts["max_model_len"],
                            vocab_size=facts["vocab_size"], max_n=a.max_n,
                            trust_request_chat_template=a.trust_request_chat_template,
+                           limits=a.request_limits(),
                            tool_parser=_tool_parser(a, tokenizer, facts["model_path"]))
         self.allowed_origins = a.allowed_origins
         self.metrics_public, self.enable_docs = a.metrics_public, a.enable_fastapi_docs

@@ -30,6 +30,10 @@ class ServeArgs(BaseModel):
     worker_resources: dict[str, float] = Field(default_factory=dict)
     worker_torch_threads: int | None = None
     stream_interval_s: float = Field(0.0, ge=0)
+    # A worker whose engine has spent this long in one step is stuck: its health check
+    # fails, the router drops it, and streams waiting on it fail over. One step is
+    # bounded by max_num_batched_tokens, so this is minutes only for a hung device.
+    worker_stuck_timeout_s: float = Field(300.0, gt=0)
     max_queue_len: int = Field(1024, ge=1)
     max_seqs_per_worker: int | None = Field(None, ge=1)
     # PlacementConfig fields (raysvc/cluster/placement.py): policy, weights, thresholds
@@ -42,6 +46,12 @@ class ServeArgs(BaseModel):
     enable_fastapi_docs: bool = False  # /docs and /openapi.json (off: they map the API)
     max_body_bytes: int = Field(4 << 20, ge=1024)
     max_n: int = Field(16, ge=1)
+    # what one request may cost beyond its tokens (raysvc/serve/planner.py RequestLimits)
+    max_stop_strings: int = Field(16, ge=1)
+    max_stop_string_length: int = Field(256, ge=1)
+    max_bad_words: int = Field(64, ge=0)
+    max_logit_bias: int = Field(300, ge=0)
+    max_structured_output_bytes: int = Field(65536, ge=64)
     # how the model writes tool calls: "auto" (from its chat template and architecture),
     # or vLLM's --tool-call-parser names: hermes, llama3_json, mistral
     tool_call_parser: str = "auto"
@@ -164,6 +174,14 @@ class ServeArgs(BaseModel):
             raise ValueError(f"placement: {e}") from None
         return v
 
+    def request_limits(self):
+        from raysvc.serve.planner import RequestLimits
+
+        return RequestLimits(max_stop_strings=self.max_stop_strings,
+                             max_stop_string_length=self.max_stop_string_length,
+                             max_bad_words=self.max_bad_words, max_logit_bias=self.max_logit_bias,
+                             max_structured_output_bytes=self.max_structured_output_bytes)
+
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("RAYSVC_API_KEY") or None
 
@@ -175,6 +193,7 @@ class ServeArgs(BaseModel):
                           num_gpus=self.worker_num_gpus, resources=self.worker_resources,
                           torch_threads=self.worker_torch_threads,
                           stream_interval_s=self.stream_interval_s,
+                          stuck_timeout_s=self.worker_stuck_timeout_s,
                           max_restarts=self.worker_max_restarts,
                           draft_actors=list(draft_actors or []), names=names)
 

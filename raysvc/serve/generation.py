@@ -3,9 +3,10 @@
 A completions request may carry several prompts, each with `n` samples; choice
 `i * n + j` is sample j of prompt i (OpenAI's numbering). Each prompt is one cluster
 request; their streams are merged. After every worker chunk the caller gets the choice
-indices that moved. A sample that hits a stop string is done here even though its worker
-keeps going; when every sample of a prompt is done, the prompt's stream is closed, which
-aborts it on its worker.
+indices that moved. A sample that hits a stop string is done here and is ended on its worker
+too (`ClusterClient.finish_sample`), so it stops holding a batch slot and KV blocks; when
+every sample of a prompt is done, the prompt's stream is closed, which aborts it on its
+worker.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class Generation:
     async def _run_prompt(self, i: int) -> AsyncIterator[list[int]]:
         samples = self.samples[i]
         n = len(samples)
-        stream = self.client.generate(f"{self.request_id}-{i}", self.prompts[i],
-                                      self.engine_params, n)
+        request_id = f"{self.request_id}-{i}"
+        stream = self.client.generate(request_id, self.prompts[i], self.engine_params, n)
         try:
             async for chunk in stream:
                 if chunk.prompt_logprobs is not None and self.prompt_logprobs[i] is None:
@@ -95,6 +96,8 @@ class Generation:
                     tokens += len(delta.token_ids)
                     if delta.finish_reason is not None:
                         sample.finish(delta.finish_reason, delta.stop_reason)
+                    elif sample.finished and n > 1:  # a stop string, found here
+                        self.client.finish_sample(request_id, delta.index)
                     moved.append(i * n + delta.index)
                 self.timing.chunk(tokens)
                 if moved:

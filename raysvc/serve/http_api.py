@@ -123,7 +123,9 @@ def build_api(server: OpenAIHandler, allowed_origins: list[str] | None = None, *
     async def generate(request: Request, chat: bool) -> Response:
         authorize(request)
         body = await read_body(request, server.max_body_bytes)
-        result = server.start(body, chat)
+        # parsing, chat template, tokenization and grammar checks cost with the request:
+        # off this event loop, which every other stream of this replica shares
+        result = await asyncio.to_thread(server.start, body, chat)
         if result.stream:
             await server.open_stream(result)
             return StreamingResponse(server.sse(result), media_type="text/event-stream",

@@ -9,7 +9,8 @@ that names the field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -32,7 +33,21 @@ class ModelFacts:
     max_prompts: int = 64
     trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
     tool_parser: str = "hermes"  # how this model writes tool calls (serve/tool_parsers.py)
+    limits: RequestLimits = field(default_factory=lambda: RequestLimits())
 
+
+@dataclass(slots=True)
+class RequestLimits:
+    """What one request may cost beyond its tokens (ServeArgs / CLI knobs of the same
+    names): every stop string is searched after every token of every sample, every bad
+    word checked, every bias applied, every grammar compiled. Past a limit: a 400 naming
+    the field."""
+
+    max_stop_strings: int = 16
+    max_stop_string_length: int = 256  # characters
+    max_bad_words: int = 64
+    max_logit_bias: int = 300  # entries
+    max_structured_output_bytes: int = 65536  # the schema / regex / grammar / choices
 
 @dataclass(slots=True)
 class Plan:
@@ -121,8 +136,6 @@ def _tool_dicts(functions: list[dict] | None) -> list[dict] | None:
 def _template_message(m) -> dict[str, Any]:
     """A message as chat templates read it (vLLM's conventions): text content, the name if
     any, an assistant's tool calls with their arguments as objects, a tool's call id."""
-    import json
-
     out: dict[str, Any] = {"role": m.role, "content": m.text()}
     if m.name is not None:
         out["name"] = m.name
@@ -194,11 +207,12 @@ def plan(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]
         if bad:
             raise bad_request(f"{name}: token id {bad[0]} is outside the vocabulary "
                               f"[0, {facts.vocab_size})", param=name)
-    constraint = structured_outputs(req)
+    constraint = structured_outputs(req, facts.limits.max_structured_output_bytes)
     if constraint is not None:
         params["structured_outputs"] = constraint
     _check_engine_params(params)
     stops = req.stop_list()
+    _check_costs(req, stops, facts.limits)
     skip = req.skip_special_tokens and not keep_special_tokens
     samples = [[SampleText(tokenizer, ids, stops, req.include_stop_str_in_output, skip,
                            req.min_tokens) for _ in range(req.n)]
@@ -238,9 +252,32 @@ def required_tool_schema(tools: list, parallel: bool | None) -> dict[str, Any]:
     return schema
 
 
-def structured_outputs(req: CompletionRequest | ChatCompletionRequest) -> dict | None:
+def _check_costs(req, stops: list[str], limits: RequestLimits) -> None:
+    if len(stops) > limits.max_stop_strings:
+        raise bad_request(f"stop: {len(stops)} stop strings; this server allows at most "
+                          f"{limits.max_stop_strings}", param="stop")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > limits.max_stop_string_length:
+        raise bad_request(f"stop: a stop string of {longest} characters; this server allows "
+                          f"at most {limits.max_stop_string_length}", param="stop")
+    words = req.bad_words or []
+    if len(words) > limits.max_bad_words:
+        raise bad_request(f"bad_words: {len(words)} words; this server allows at most "
+                          f"{limits.max_bad_words}", param="bad_words")
+    if any(len(w) > limits.max_stop_string_length for w in words):
+        raise bad_request(f"bad_words: a word longer than {limits.max_stop_string_length} "
+                          f"characters", param="bad_words")
+    if len(req.logit_bias or {}) > limits.max_logit_bias:
+        raise bad_request(f"logit_bias: {len(req.logit_bias)} entries; this server allows "
+                          f"at most {limits.max_logit_bias}", param="logit_bias")
+
+
+def structured_outputs(req: CompletionRequest | ChatCompletionRequest,
+                       max_bytes: int = 65536
+                       ) -> dict | None:
     """The request's one output constraint, from whichever field carries it; 400 naming
-    the field when it is malformed or when two fields each carry one."""
+    the field when it is malformed, larger than `max_bytes` (compiling costs with its
+    size), or when two fields each carry one."""
     from raysvc.engine.structured_output import StructuredOutputsParams, check_syntax
 
     found: list[tuple[str, Any]] = []
@@ -269,6 +306,10 @@ def structured_outputs(req: CompletionRequest | ChatCompletionRequest) -> dict |
         raise bad_request(f"{found[1][0]}: only one output constraint per request (it comes "
                           f"with {found[0][0]})", param=found[1][0])
     field, value = found[0]
+    size = len(json.dumps(value, default=str))
+    if size > max_bytes:
+        raise bad_request(f"{field}: {size} bytes of constraint; this server allows at most "
+                          f"{max_bytes}", param=field)
     try:
         constraint = StructuredOutputsParams.model_validate(value)
         check_syntax(constraint)
