@@ -296,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="engine actors: N (autoscaling 1..N) or MIN,MAX")
     batch.add_argument("--num-gpus-per-worker", type=float, default=None,
                        help="GPUs per engine actor (default: 1 on a GPU cluster, else 0)")
-    batch.add_argument("--batch-size", type=int, default=32, help="rows per Ray Data batch")
+    batch.add_argument("--batch-size", type=int, default=16,
+                       help="rows per Ray Data batch: the unit written as it completes (a "
+                            "killed job redoes only the batches in flight); an actor runs "
+                            "max_num_seqs / batch-size batches at once")
     batch.add_argument("--summary-json", default=None, help="write the summary here too")
     batch.add_argument("--overwrite", action="store_true",
                        help="start OUTPUT again instead of resuming it")

@@ -1,7 +1,7 @@
 """[batch] What one row or one second job must not do to a batch job, in process (no Ray
-Data): the engine stage streams rows back as they finish, a row that kills its engine is
-isolated and answered with an error line, identical rows each get their own answer; the
-output file refuses a second writer and names a damaged line.
+Data): a row that kills its engine is isolated and answered with an error line, identical
+rows each get their own answer; the output file refuses a second writer and names a
+damaged line.
 
 References: the offline engine (`LLM`, greedy) for texts; the ledger's verdicts for which
 row is to blame."""
@@ -71,13 +71,13 @@ def _poison(stage: EngineStage, custom_id: str) -> None:
 
 
 def _run(stage: EngineStage, lines: list[str]) -> tuple[list[dict], bool]:
-    """The stage's yields for one batch, and whether it ended its actor."""
+    """The stage's result for one batch (a list of one, or empty), and whether it ended
+    its actor."""
     parts, exited = [], False
 
     async def main():
         try:
-            async for part in stage({"line": np.array(lines, dtype=object)}):
-                parts.append(part)
+            parts.append(await stage({"line": np.array(lines, dtype=object)}))
         finally:
             await stage.engine.shutdown()
 
@@ -95,16 +95,6 @@ def no_exit(monkeypatch):
         raise _Exited(code)
 
     monkeypatch.setattr(os, "_exit", fake_exit)
-
-
-def test_rows_stream_back_as_they_finish(no_exit):
-    lines = [_line("short", "The list type", 2)] + [
-        _line(f"long{i}", f"A dict {i}", 48) for i in range(3)]
-    parts, exited = _run(_stage(), lines)
-    assert not exited
-    assert parts[0]["custom_id"] == ["short"]  # before the long rows, not with them
-    assert sorted(c for p in parts for c in p["custom_id"]) == ["long0", "long1", "long2",
-                                                                 "short"]
 
 
 def test_identical_rows_in_flight_each_get_their_own_answer(no_exit):

@@ -306,3 +306,85 @@ def test_a_worker_whose_engine_failed_is_replaced_not_taken_back():
 
 async def _unhealthy(worker):
     return WorkerLoad(kv_blocks_total=worker.value.kv_blocks_total, healthy=False)
+
+
+def _guarded(fleet: Fleet, guard_s: float):
+    router = Router(health_interval_s=0.02, report_timeout_s=1, orphan_timeout_s=guard_s)
+    pool = WorkerPool(router, fleet.launch, fleet.kill, 1, 1, FAST, seats_per_worker=4)
+    router.attach_pool(pool)
+    return router, pool
+
+
+class _Exited(Exception):
+    pass
+
+
+def test_a_model_loading_longer_than_the_orphan_guard_comes_up(monkeypatch):
+    """The cluster replica's constructor waits for the first worker (a 7B model loads for
+    minutes); its keepalives beat meanwhile (`_keepalive_while_starting`), so the router's
+    orphan guard does not stop the worker it waits for. Once the beats stop for good, the
+    guard still fires."""
+    import ray
+
+    from raysvc.serve.app import _keepalive_while_starting
+
+    def exit_actor():
+        raise _Exited
+
+    monkeypatch.setattr(ray.actor, "exit_actor", exit_actor)
+
+    class Handle:  # the router's actor handle, as the replica's beat thread uses it
+        def __init__(self, router):
+            self.keepalive = type("M", (), {"remote": staticmethod(router.keepalive)})
+
+    async def main():
+        gate = asyncio.Event()
+        fleet = Fleet(lambda wid: {"node": "n0", "gate": gate})
+        router, pool = _guarded(fleet, guard_s=0.2)
+        beating = _keepalive_while_starting(Handle(router), period_s=0.05)
+        asyncio.get_running_loop().call_later(0.6, gate.set)  # loads 3x longer than the guard
+        try:
+            assert await pool.start(1, 5) == 1
+            await asyncio.sleep(0.3)  # the guard has looked several times by now
+            assert fleet.alive() == ["worker-0"] and list(router.workers()) == ["worker-0"]
+        finally:
+            beating.set()
+        monitor = router._monitor  # noqa: SLF001 - the guard's loop
+        await asyncio.wait({monitor}, timeout=5)  # no owner any more: the guard fires
+        assert monitor.done() and isinstance(monitor.exception(), _Exited)
+        assert fleet.alive() == []
+        pool.stop()
+
+    run(main())
+
+
+def test_after_a_router_restart_the_first_ready_worker_admits_and_the_queue_is_bounded():
+    """A restarted router rebuilds from its workers; one adopted worker is ready, another
+    is still loading. Requests are admitted by the ready one at once (not after every
+    worker is ready), and those waiting count against max_queue_len like any others."""
+    from raysvc.cluster.messages import Overloaded
+
+    async def main():
+        gate = asyncio.Event()  # worker-1 keeps loading
+        fleet = Fleet(lambda wid: {"node": "n0", "gate": gate if wid == "worker-1" else None})
+        router = Router(health_interval_s=3600, report_timeout_s=1, max_queue_len=2)
+        pool = WorkerPool(router, fleet.launch, fleet.kill, 2, 2, FAST, seats_per_worker=4)
+        router.attach_pool(pool)
+        router.restarted = True  # as a restarted actor is: rebuilding until start returns
+        router._started.clear()  # noqa: SLF001
+        starting = asyncio.create_task(pool.start(2, 5))
+        await asyncio.sleep(0.05)
+        assert not starting.done()
+        admitted = await asyncio.wait_for(
+            asyncio.gather(*(router.acquire(f"r{i}", 10) for i in range(4))), 1)
+        assert {t.worker_id for t in admitted} == {"worker-0"}
+        queued = [asyncio.create_task(router.acquire(f"q{i}", 10)) for i in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await router.acquire("one-too-many", 10)
+        gate.set()  # worker-1 ready: it takes the queue
+        assert {(await t).worker_id for t in queued} == {"worker-1"}
+        await starting
+        pool.stop()
+
+    run(main())

@@ -8,10 +8,10 @@
    or engine settings refuses unless `--overwrite`.
 3. Ray Data streams the remaining lines (`JsonlLines`) through the engine actors
    (`EngineStage`, the processor's stage in "openai" mode) and back to this process, which
-   appends each output line, flushed as it goes. The engine actors hand rows back as they
-   finish (a few at a time, not a batch at once), so a kill at any moment loses at most
-   the rows in flight, which the next run redoes. Memory here holds a block, not the
-   file. One job writes an OUTPUT at a time (a lock); a rerun resumes.
+   appends each output line, flushed as it goes. Ray Data hands a batch back when all its
+   rows are done, so batches are small (`--batch-size`, 16) and many run at once: a kill
+   at any moment loses at most the batches in flight, which the next run redoes. Memory
+   here holds a block, not the file. One job writes an OUTPUT at a time (a lock).
 4. Progress on stderr: rows done / total, rows/s, output tokens/s, ETA, failed; then a
    summary line, and `--summary-json`.
 """
@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from raysvc.batch.openai_file import OutputFile, check_input, id_hash
+from raysvc.batch.openai_file import OutputFile, check_input
 
 OBJECT_STORE_BUDGET = 128 << 20  # bytes of rows in flight through the pipeline
 
@@ -80,6 +80,11 @@ def run(args) -> int:
     config = ProcessorConfig(model=args.model, served_model_name=args.served_model_name,
                              engine_kwargs=args.engine, concurrency=args.concurrency,
                              batch_size=args.batch_size,
+                             # Ray Data returns a batch's rows when all of them are done:
+                             # small batches checkpoint often, and enough of them run at
+                             # once to fill the engine's batch (max_num_seqs sequences)
+                             max_concurrent_batches=max(8, math.ceil(
+                                 args.engine.get("max_num_seqs", 256) / args.batch_size)),
                              num_gpus_per_worker=args.num_gpus_per_worker,
                              num_cpus_per_worker=args.worker_cpus,
                              torch_threads=args.worker_threads)
@@ -138,25 +143,28 @@ def _process(args, config, done, created: int, out: OutputFile, summary: Summary
         skip = ray.put(done) if len(done) else None
         # reading costs little CPU; a whole CPU per read task could leave the engine
         # actors' CPUs unplaceable on a small machine (Ray Data then waits forever)
-        ds = ray.data.read_datasource(JsonlLines(args.input, skip), num_cpus=0.1)
+        # Block size is the checkpoint's grain: Ray Data merges a read task's rows into
+        # blocks of up to target_max_block_size (128 MiB by default) and an engine task
+        # returns its whole input block at once, so with the default every row of a small
+        # job would be written at its very end. Blocks of a batch or so write rows as
+        # they finish; the driver keeps a few KB per block, so a large job's blocks grow
+        # (to 1/64 of it, up to 4096 rows) to keep that flat.
+        rows = min(max(config.batch_size, summary.total // 64), max(config.batch_size, 4096))
+        ctx.target_max_block_size = max(
+            4096, rows * os.path.getsize(args.input) // max(summary.total, 1))
+        ds = ray.data.read_datasource(JsonlLines(args.input, skip, rows_per_block=rows),
+                                      num_cpus=0.1)
         ds = engine_stage(ds, config, mode="openai", created=created)
         progress = Progress(summary.total, summary.resumed)
         print(f"raysvc batch: {summary.total - summary.resumed} row(s) to run "
               f"({summary.resumed} already in {args.output}); starting engine actor(s)...",
               file=sys.stderr, flush=True)
-        # A retried stage task (its actor died) yields again the rows it had yielded
-        # before: each custom_id is written once.
-        written = set(done.tolist())
         with out.appender() as f:
             last_sync = time.monotonic()
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for custom_id, line, status, p_tok, o_tok in zip(
-                        batch["custom_id"], batch["output"], batch["status_code"],
-                        batch["prompt_tokens"], batch["output_tokens"], strict=True):
-                    key = id_hash(str(custom_id))
-                    if key in written:
-                        continue
-                    written.add(key)
+                for line, status, p_tok, o_tok in zip(batch["output"], batch["status_code"],
+                                                      batch["prompt_tokens"],
+                                                      batch["output_tokens"], strict=True):
                     f.write(str(line) + "\n")
                     if int(status) == 200:
                         summary.completed += 1

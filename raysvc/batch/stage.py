@@ -24,14 +24,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import time
 from typing import Any
 
 import numpy as np
 
 from raysvc.serve.errors import APIError
 
-FLUSH_S = 0.5  # how often finished rows of a running batch go back to the job
 LEDGER_TIMEOUT_S = 10.0
 
 
@@ -76,46 +74,26 @@ class EngineStage:
         self._in_flight: set[str] = set()  # rows running in the engine now
         self._failed_alone: str | None = None  # the suspect whose turn alone failed it
 
-    async def __call__(self, batch: dict[str, np.ndarray]):
-        """The batch's results, as an async generator: in "openai" mode rows go back as
-        they finish (every FLUSH_S), so the job writes them long before the batch ends
-        and a killed job loses only the rows in flight; in "prompt" mode (a pipeline's
-        rows and columns) the whole batch at once."""
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Every row of the batch as its own request, all at once. (Ray Data hands a
+        batch's results back when the whole batch is done, so the batch size is what a
+        killed job can lose: `raysvc batch` keeps it small and runs many at once.)"""
         rows = len(next(iter(batch.values())))
         keys = [self._key(batch, i) for i in range(rows)]
         status = await self._ledger_status(keys)
-        tasks = [asyncio.ensure_future(self._row(batch, i, keys[i], status.get(keys[i])))
-                 for i in range(rows)]
-        try:
-            if self.mode != "openai":
-                results = await asyncio.gather(*tasks)
-                await self._exit_if_engine_failed()
-                out = {k: list(v) for k, v in batch.items()}
-                for key in ("generated_text", "num_input_tokens", "num_generated_tokens",
-                            "error"):
-                    out[key] = [r[key] for r in results]
-                yield out
-                return
-            pending, ready, last = set(tasks), set(), float("-inf")
-            while pending or ready:
-                if pending:  # the first rows go at once, later ones at most every FLUSH_S
-                    wait = None if not ready else max(0.0, last + FLUSH_S - time.monotonic())
-                    done, pending = await asyncio.wait(pending, timeout=wait,
-                                                       return_when=asyncio.FIRST_COMPLETED)
-                    ready |= done
-                if ready and (not pending or time.monotonic() - last >= FLUSH_S):
-                    # a row that ended because the engine failed must not be written
-                    await self._exit_if_engine_failed()
-                    results = [t.result() for t in tasks if t in ready]
-                    ready, last = set(), time.monotonic()
-                    yield {"custom_id": [r[0] for r in results],
-                           "output": [r[1] for r in results],
-                           "status_code": [r[2] for r in results],
-                           "prompt_tokens": [r[3] for r in results],
-                           "output_tokens": [r[4] for r in results]}
-        finally:
-            for task in tasks:
-                task.cancel()
+        results = await asyncio.gather(*(self._row(batch, i, keys[i], status.get(keys[i]))
+                                         for i in range(rows)))
+        # a row that ended because the engine failed must not be written as answered
+        await self._exit_if_engine_failed()
+        if self.mode == "openai":
+            return {"custom_id": [r[0] for r in results], "output": [r[1] for r in results],
+                    "status_code": [r[2] for r in results],
+                    "prompt_tokens": [r[3] for r in results],
+                    "output_tokens": [r[4] for r in results]}
+        out = {k: list(v) for k, v in batch.items()}
+        for key in ("generated_text", "num_input_tokens", "num_generated_tokens", "error"):
+            out[key] = [r[key] for r in results]
+        return out
 
     def _key(self, batch: dict[str, np.ndarray], i: int) -> str:
         if self.mode == "openai":

@@ -17,6 +17,13 @@ request whose replica died before the response began with a plain 500; right aft
 ingress replica's death those are counted apart, like its cut streams. Then: KV blocks
 still held and requests still admitted on every worker, once the load stopped.
 
+Phase 2b (bad input, `--bad-input-duration` s, no kills): the same greedy streams while
+one more client sends, over and over, every kind of request that once hurt others
+(`BAD_REQUESTS`: NaN/Infinity floats, a top_k or seed past int64, stop ids outside the
+vocabulary, too many stop strings, a huge regex, ...). Each must be refused with a 4xx
+naming its field (or, for the valid edge cases, answered 200); no worker process may be
+lost to them; every other stream must complete with its reference text.
+
 Phase 3 (soak, `--soak-minutes`, no kills, steady load): RSS of every server process
 each 30 s; growth from minute 5 to the end is reported per process (the first minutes are
 warm-up: allocator arenas, caches and torch's lazy state grow there, which is not a leak;
@@ -169,6 +176,64 @@ async def chaos(url: str, root: int, prompts: list[str], reference: dict[str, st
     return outcomes, kills
 
 
+# (name, raw JSON body of /v1/completions, the status it must get)
+BAD_REQUESTS: list[tuple[str, bytes, int]] = [
+    ("temperature NaN", b'{"model": "tiny", "prompt": "x", "temperature": NaN}', 400),
+    ("repetition_penalty Infinity",
+     b'{"model": "tiny", "prompt": "x", "repetition_penalty": Infinity}', 400),
+    ("presence_penalty -Infinity",
+     b'{"model": "tiny", "prompt": "x", "presence_penalty": -Infinity}', 400),
+    ("top_k 2^63", b'{"model": "tiny", "prompt": "x", "top_k": 9223372036854775808}', 400),
+    ("seed 2^64", b'{"model": "tiny", "prompt": "x", "seed": 18446744073709551616}', 400),
+    ("seed 2^64-1, n 2 (valid)", b'{"model": "tiny", "prompt": "x", "n": 2, "max_tokens": 4, '
+                                 b'"seed": 18446744073709551615, "temperature": 1}', 200),
+    ("stop_token_ids outside the vocabulary, min_tokens 2",
+     b'{"model": "tiny", "prompt": "x", "stop_token_ids": [1000000], "min_tokens": 2}', 400),
+    ("17 stop strings", json.dumps({"model": "tiny", "prompt": "x",
+                                    "stop": [f"s{i}" for i in range(17)]}).encode(), 400),
+    ("a 100 kB regex", json.dumps({"model": "tiny", "prompt": "x",
+                                   "guided_regex": "(a|b)" * 20000}).encode(), 400),
+    ("301 logit_bias entries", json.dumps({"model": "tiny", "prompt": "x", "logit_bias": {
+        str(i): 1 for i in range(301)}}).encode(), 400),
+    ("a 100k-token prompt", json.dumps({"model": "tiny", "prompt": [5] * 100_000}).encode(),
+     400),
+]
+
+
+async def bad_input(url: str, root: int, prompts: list[str], reference: dict[str, str],
+                    args) -> tuple[Outcomes, Outcomes, int]:
+    """(the streams' outcomes, the bad requests' outcomes, worker processes lost)."""
+    import aiohttp
+
+    rng = random.Random(args.seed + 1)
+    streams, bad = Outcomes(), Outcomes()
+    workers_before = {pid for pid, t in processes(root).items() if t == TARGETS["worker"]}
+    end = time.monotonic() + args.bad_input_duration
+
+    async def client(session) -> None:
+        while time.monotonic() < end:
+            prompt = rng.choice(prompts)
+            kind, code, text = await stream(session, url, prompt, args.max_tokens)
+            if kind == "done":
+                kind = "ok" if text == reference[prompt] else "changed"
+            streams.add(kind, code, text)
+
+    async def offender(session) -> None:
+        while time.monotonic() < end:
+            for name, body, expect in BAD_REQUESTS:
+                async with session.post(url + "/v1/completions", data=body,
+                                        headers={"Content-Type": "application/json"}) as r:
+                    detail = await r.text()
+                bad.add("as expected" if r.status == expect else f"{name}: got {r.status}",
+                        r.status, detail[:200])
+
+    timeout = aiohttp.ClientTimeout(total=args.request_timeout)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.gather(offender(session), *(client(session) for _ in range(args.streams)))
+    workers_after = {pid for pid, t in processes(root).items() if t == TARGETS["worker"]}
+    return streams, bad, len(workers_before - workers_after)
+
+
 async def leftovers(url: str, settle_s: float = 60.0) -> list[dict]:
     """Each worker's blocks and requests once the load has stopped (polled until clean)."""
     import aiohttp
@@ -244,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--prompts", type=int, default=24)
     p.add_argument("--request-timeout", type=float, default=300)
+    p.add_argument("--bad-input-duration", type=float, default=30,
+                   help="seconds of the bad-input phase (0: none)")
     p.add_argument("--soak-minutes", type=float, default=0, help="0: no soak")
     p.add_argument("--soak-streams", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=2)
@@ -291,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chaos: {args.duration:g}s, {args.streams} streams, kill every "
               f"~{args.kill_every:g}s among {args.targets}", flush=True)
         outcomes, kills = asyncio.run(chaos(url, root, prompts, reference, args))
+        if args.bad_input_duration:
+            print(f"bad input: {args.bad_input_duration:g}s, {len(BAD_REQUESTS)} kinds, "
+                  f"beside {args.streams} streams", flush=True)
+            bad_streams, bad, workers_lost = asyncio.run(
+                bad_input(url, root, prompts, reference, args))
+            report.update(bad_input_streams=bad_streams.counts, bad_input=bad.counts,
+                          bad_input_examples=bad.examples, workers_lost_to_bad_input=workers_lost)
         left = asyncio.run(leftovers(url))
         lost = outcomes.counts.get("cut", 0) + outcomes.counts.get("error", 0)
         report.update(outcomes=outcomes.counts, http_codes=outcomes.codes,
@@ -312,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(report["outcomes"].items())))
     print("HTTP codes: " + ", ".join(f"{k}: {v}" for k, v in sorted(report["http_codes"].items())))
     print(f"lost {report['lost']}, changed {report['changed']}")
+    if "bad_input" in report:
+        print("bad input: " + ", ".join(f"{k} {v}" for k, v in sorted(report["bad_input"].items()))
+              + "; beside them, streams: " + ", ".join(
+                  f"{k} {v}" for k, v in sorted(report["bad_input_streams"].items()))
+              + f"; worker processes lost: {report['workers_lost_to_bad_input']}")
     for k, v in report["examples"].items():
         print(f"  e.g. {k}: {v}")
     print("after the load: " + "; ".join(
@@ -328,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     clean = all(w["kv_blocks_free"] == w["kv_blocks_total"] and not w["requests_admitted"]
                 for w in report["workers_after"])
-    return 0 if report["lost"] == 0 and report["changed"] == 0 and clean else 1
+    bad_ok = "bad_input" not in report or (
+        set(report["bad_input"]) <= {"as expected"} and not report["workers_lost_to_bad_input"]
+        and set(report["bad_input_streams"]) <= {"ok"})
+    return 0 if report["lost"] == 0 and report["changed"] == 0 and clean and bad_ok else 1
 
 
 if __name__ == "__main__":

@@ -251,7 +251,7 @@ class ClusterClient:
                     raise WorkerDied(f"request {request_id}: {failures} workers died while "
                                      f"serving it; giving up") from e
             finally:
-                if self._live.get(request_id) is ticket:
+                if ticket is not None and self._live.get(request_id) is ticket:
                     del self._live[request_id]
                 if channel is not None:
                     channel.queues.pop(ticket_id, None)

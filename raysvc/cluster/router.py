@@ -26,8 +26,9 @@ named actor that Ray restarts, and a restarted one rebuilds itself from its work
 their names give membership, each worker's `requests` the admission ledger, and the KV
 event protocol's snapshot each prefix index. Every load report also carries the worker's
 request ids, so a ticket whose release was lost (sent while the router was down) is
-dropped after `ledger_grace_s` instead of holding its seats forever. Until the rebuild is
-done, `acquire` waits (bounded by `recovery_wait_s`).
+dropped after `ledger_grace_s` instead of holding its seats forever. While the rebuild
+runs, requests queue as usual (bounded by `max_queue_len`), and the first worker to
+re-join admits them: none waits for every adopted worker to be ready.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class Router:
                  events_wait_s: float = 1.0, worker_spec: WorkerSpec | None = None,
                  min_workers: int = 1, max_workers: int | None = None,
                  autoscaling: dict[str, Any] | None = None, names: AppNames | None = None,
-                 ledger_grace_s: float = 10.0, recovery_wait_s: float = 60.0,
+                 ledger_grace_s: float = 10.0,
                  orphan_timeout_s: float | None = None) -> None:
         self.max_queue_len = max_queue_len
         self.max_seqs_per_worker = max_seqs_per_worker
@@ -106,7 +107,6 @@ class Router:
                           max_workers or min_workers)
         self.names = names
         self.ledger_grace_s = ledger_grace_s
-        self.recovery_wait_s = recovery_wait_s
         self.orphan_timeout_s = orphan_timeout_s  # no keepalive for this long: shut down
         self._admitted_at: dict[str, float] = {}  # ticket -> when it was admitted
         self._joining: dict[str, asyncio.Lock] = {}  # worker id -> its joins, one at a time
@@ -165,6 +165,7 @@ class Router:
             return await self.pool.start(num_workers, timeout_s, adopt=found)
         finally:
             self._started.set()
+            self._fail_queue_if_hopeless()
 
     def close(self) -> int:
         """Refuse new requests from now on (ShuttingDown: HTTP 503); return how many are
@@ -179,6 +180,7 @@ class Router:
     def claim(self, token: str) -> None:
         """The cluster replica that now owns this router (a restarted or newer one)."""
         self._owner_token = token
+        self._keepalive = time.monotonic()
 
     async def shutdown(self, token: str | None = None, drain_s: float = 0.0) -> bool:
         """The application is going away: refuse new requests, let those in flight finish
@@ -294,7 +296,14 @@ class Router:
 
     def _hopeless(self) -> bool:
         """No worker now, and none coming: waiting would be forever."""
-        return not self._workers and not (self.pool is not None and self.pool.can_grow())
+        rebuilding = self.restarted and not self._started.is_set()
+        return not self._workers and not rebuilding and not (
+            self.pool is not None and self.pool.can_grow())
+
+    def _spec_block_size(self) -> int | None:
+        """The workers' block size before any has joined (a rebuild's first requests)."""
+        spec = self._pool_args[0]
+        return None if spec is None else int(spec.engine_kwargs.get("block_size", 16))
 
     def _fail_queue_if_hopeless(self) -> None:
         if not self._hopeless():
@@ -349,19 +358,18 @@ class Router:
             return await asyncio.shield(queued.future)
         if self._closing and not retry:
             raise ShuttingDown("the service is shutting down; retry on another replica")
-        if not self._started.is_set():  # rebuilding after a restart: wait for the workers
+        if not self._started.is_set():  # rebuilding after a restart: queue like any other
+            # request (bounded by max_queue_len); the first worker to re-join admits it,
+            # without waiting for every adopted worker to be ready
             self._ensure_rebuilding()
-            try:
-                await asyncio.wait_for(self._started.wait(), self.recovery_wait_s)
-            except TimeoutError:
-                pass
         if self._hopeless():
             raise self._no_workers()
         if len(self._queue) >= self.max_queue_len and not retry:
             raise Overloaded(f"server overloaded: {len(self._queue)} requests are waiting")
         hashes: list[bytes] = []
-        if prompt_token_ids and self._workers:
-            block_size = next(iter(self._workers.values())).block_size
+        block_size = (next(iter(self._workers.values())).block_size if self._workers
+                      else self._spec_block_size())
+        if prompt_token_ids and block_size:
             # a hit never covers the last prompt token: its logits are needed
             hashes = hash_blocks(prompt_token_ids[:-1], block_size, cache_salt)
         waiting = _Waiting(ticket_id, num_prompt_tokens, n,

@@ -24,6 +24,7 @@ its workers and itself.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,23 @@ logger = logging.getLogger(__name__)
 
 ORPHAN_TIMEOUT_S = 120.0  # a router alone this long (its replica gone for good) stops
 HEALTH_CHECK_PERIOD_S = 2.0  # the cluster replica's keepalive to the router, via Serve
+
+
+def _keepalive_while_starting(router: Any,
+                              period_s: float = HEALTH_CHECK_PERIOD_S) -> threading.Event:
+    """Keepalives from a thread until the returned event is set. Should this replica die
+    mid-start, the beats stop with it and the orphan guard still fires."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(period_s):
+            try:
+                router.keepalive.remote()
+            except Exception:  # restarting: the next beat, or Serve's checks, will do
+                pass
+
+    threading.Thread(target=beat, daemon=True, name="raysvc-keepalive").start()
+    return done
 
 
 class RaysvcCluster:
@@ -61,13 +79,20 @@ class RaysvcCluster:
                                    min_workers=a.min_workers, max_workers=a.max_workers,
                                    autoscaling=a.worker_autoscaling, names=self.names,
                                    orphan_timeout_s=ORPHAN_TIMEOUT_S)
-        _call_router(lambda: self.router.claim.remote(self.token), 120)
-        start_timeout = a.autoscaling().worker_start_timeout_s
-        ready = _call_router(lambda: self.router.start_workers.remote(a.num_workers,
-                                                                     start_timeout),
-                             start_timeout + 60)
-        logger.warning("raysvc cluster %s: %d worker(s) ready", self.names.prefix, ready)
-        infos = _call_router(lambda: self.router.workers.remote(), 60)
+        # Serve health-checks (our keepalive) only once this constructor returns, and it
+        # waits for the first workers, whose model may load for minutes: beat meanwhile,
+        # or the router's orphan guard would stop the workers it is waiting for.
+        starting = _keepalive_while_starting(self.router)
+        try:
+            _call_router(lambda: self.router.claim.remote(self.token), 120)
+            start_timeout = a.autoscaling().worker_start_timeout_s
+            ready = _call_router(lambda: self.router.start_workers.remote(a.num_workers,
+                                                                         start_timeout),
+                                 start_timeout + 60)
+            logger.warning("raysvc cluster %s: %d worker(s) ready", self.names.prefix, ready)
+            infos = _call_router(lambda: self.router.workers.remote(), 60)
+        finally:
+            starting.set()
         if not infos:
             raise RuntimeError(f"raysvc cluster {self.names.prefix}: no worker is ready")
         self.facts = {
