@@ -388,3 +388,24 @@ def test_after_a_router_restart_the_first_ready_worker_admits_and_the_queue_is_b
         pool.stop()
 
     run(main())
+
+
+def test_stats_say_why_the_pool_stays_as_it_is():
+    """A load below one worker's target never scales up; /cluster/stats says so, with the
+    numbers (the held-out burst of 40 streams at 128 per worker looked like a dead
+    autoscaler without them)."""
+    async def main():
+        fleet = Fleet()
+        router, pool = make(fleet, lo=1, hi=3)
+        await pool.start(1, 5)
+        tickets = [await router.acquire(f"r{i}", 10) for i in range(1)]
+        await pool.tick()
+        last = (await router.stats())["last_scaling_decision"]
+        assert (last["from"], last["to"]) == (1, 1)
+        assert last["reason"].startswith("steady: demand of 0.50 workers (1 running + 0 "
+                                         "queued seqs at 2 per worker)"), last
+        for t in tickets:
+            router.release(t.ticket_id)
+        pool.stop()
+
+    run(main())

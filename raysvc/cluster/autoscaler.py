@@ -150,7 +150,11 @@ class ScalingPolicy:
         while self._smooth[0][0] < now - horizon:
             self._smooth.popleft()
 
-        current, target, reason = s.current, s.current, "steady"
+        per_worker = cfg.target_ongoing_requests or max(s.seats_per_worker / 2, 1.0)
+        current, target = s.current, s.current
+        # said even when nothing changes: /cluster/stats shows why the pool stays as it is
+        reason = (f"steady: demand of {self._smooth[-1][1]:.2f} workers ({s.running_seqs} "
+                  f"running + {s.queued_seqs} queued seqs at {per_worker:g} per worker)")
         sustained = self._window(now, cfg.upscale_delay_s, min)
         peak = self._window(now, cfg.downscale_delay_s, max)
         if sustained is not None and _ceil(sustained) > current:

@@ -80,6 +80,7 @@ class WorkerPool:
         self.members: dict[str, Member] = {}
         self.target = min_workers
         self.decisions: deque[Decision] = deque(maxlen=16)
+        self.last_decision: Decision | None = None  # the latest, "steady" ones included
         self.start_failures = 0  # in all
         self.last_start_error: str | None = None
         self._failures_in_a_row = 0
@@ -159,6 +160,7 @@ class WorkerPool:
         self._adopt_restarted()
         await self._drain_leaving_nodes(now)
         decision = self.policy.decide(self.router.pool_signals(now, self.active_count()))
+        self.last_decision = decision
         if decision.target != self.target:
             logger.warning("worker pool: %d -> %d workers: %s", self.active_count(),
                            decision.target, decision.reason)
@@ -359,6 +361,9 @@ class WorkerPool:
             "last_start_error": self.last_start_error,
             "scaling_decisions": [{**d.as_dict(), "time": round(wall - (now - d.time), 3)}
                                   for d in self.decisions],
+            "last_scaling_decision": None if self.last_decision is None else {
+                **self.last_decision.as_dict(),
+                "time": round(wall - (now - self.last_decision.time), 3)},
             "autoscaling": self.config.model_dump(),
         }
 
