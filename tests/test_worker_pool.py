@@ -409,3 +409,35 @@ def test_stats_say_why_the_pool_stays_as_it_is():
         pool.stop()
 
     run(main())
+
+
+def test_a_config_update_keeps_the_workers_and_a_deleted_app_stops_them(monkeypatch):
+    """Serve stops the old cluster replica of an update before or after it starts the new
+    one; the old one abandons the router: requests go on being admitted, and the new
+    replica's claim keeps every worker. With no claim (the app was deleted) the router
+    stops its workers after the grace period."""
+    import ray
+
+    monkeypatch.setattr(ray.actor, "exit_actor", lambda: (_ for _ in ()).throw(_Exited()))
+    monkeypatch.setattr(ray, "kill", lambda handle: None)
+
+    async def main():
+        fleet = Fleet()
+        router, pool = make(fleet, lo=1, hi=1)
+        await pool.start(1, 5)
+        router.claim("old")
+        assert await router.abandon("old", drain_s=0, grace_s=0.2)
+        ticket = await router.acquire("during-the-update", 10)  # no 503 meanwhile
+        router.claim("new")  # the update's new replica
+        await asyncio.sleep(0.4)
+        assert fleet.alive() == ["worker-0"] and not router._closing  # noqa: SLF001
+        assert not await router.abandon("old", drain_s=0, grace_s=0.2)  # not the owner
+        router.release(ticket.ticket_id)
+
+        assert await router.abandon("new", drain_s=0, grace_s=0.2)  # deleted for real
+        task = router._abandoned  # noqa: SLF001
+        await asyncio.wait({task}, timeout=5)
+        assert isinstance(task.exception(), _Exited) and fleet.alive() == []
+        pool.stop()
+
+    run(main())

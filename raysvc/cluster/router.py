@@ -116,6 +116,7 @@ class Router:
         self._keepalive = time.monotonic()
         self._closing = False
         self._owner_token: str | None = None
+        self._abandoned: asyncio.Task | None = None  # the owner stopped: stop unless claimed
         self.restarted = names is not None and was_restarted()
         self._rebuilding: asyncio.Task | None = None
         if self.restarted and worker_spec is not None:  # rebuild from the workers, now
@@ -198,6 +199,37 @@ class Router:
         for worker_id in list(self._workers):
             self.remove_worker(worker_id)
         return True
+
+    async def abandon(self, token: str, drain_s: float, grace_s: float,
+                      also_stop: list[Any] | None = None) -> bool:
+        """The owning cluster replica is stopping. Either a config update is replacing it
+        (Serve may stop the old replica before it starts the new one) and the new replica
+        claims this router within `grace_s`; or the application is being deleted, and
+        then, after `grace_s`, this drains for up to `drain_s`, stops every worker, the
+        actors in `also_stop` (the draft pool) and itself. Requests are served all the
+        while: an update is no outage. False if a newer replica owns this router already."""
+        if token != self._owner_token:
+            return False
+        self._abandoned = asyncio.create_task(
+            self._stop_unless_claimed(token, drain_s, grace_s, list(also_stop or [])))
+        return True
+
+    async def _stop_unless_claimed(self, token: str, drain_s: float, grace_s: float,
+                                   also_stop: list[Any]) -> None:
+        await asyncio.sleep(grace_s)
+        if self._owner_token != token:
+            return  # a newer replica (a config update) owns this router now
+        logger.warning("router: no cluster replica claimed this router %.0fs after its "
+                       "owner stopped: the application is gone; stopping", grace_s)
+        await self.shutdown(token, drain_s)
+        import ray
+
+        for handle in also_stop:
+            try:
+                ray.kill(handle)
+            except Exception:
+                pass
+        ray.actor.exit_actor()
 
     async def retire(self) -> None:
         """Stop everything and end this (detached, restartable) actor for good."""

@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 ORPHAN_TIMEOUT_S = 120.0  # a router alone this long (its replica gone for good) stops
 HEALTH_CHECK_PERIOD_S = 2.0  # the cluster replica's keepalive to the router, via Serve
+# A stopped replica's router waits this long for a new replica (a config update) to claim
+# it before it stops its workers (the application was deleted).
+ABANDON_GRACE_S = 60.0
 
 
 def _keepalive_while_starting(router: Any,
@@ -118,26 +121,22 @@ class RaysvcCluster:
             logger.warning("raysvc cluster: router keepalive failed: %r", e)
 
     def __del__(self) -> None:
-        """The application is being deleted (Serve stops this replica gracefully): stop the
-        router's workers, the router and the draft actors."""
+        """Serve stops this replica: the application is being deleted, or a config update
+        replaces the replica (Serve may stop it before starting the new one). The router
+        cannot tell yet, so it is told to stop its workers, draft actors and itself unless
+        a new replica claims it within ABANDON_GRACE_S; meanwhile it serves on, so an
+        update never cuts or refuses a request, and the new replica adopts every worker."""
         import ray
 
         router = getattr(self, "router", None)
         if router is None:
             return
         try:
-            stopped = ray.get(router.shutdown.remote(self.token, self.drain_s),
-                              timeout=self.drain_s + 30)
+            ray.get(router.abandon.remote(self.token, self.drain_s, ABANDON_GRACE_S,
+                                          list(getattr(self, "draft_actors", []))),
+                    timeout=30)
         except Exception as e:  # already gone: its workers die with the application anyway
-            logger.warning("raysvc cluster: router shutdown failed: %r", e)
-            stopped = True
-        if not stopped:  # a newer replica re-adopted them: they are its now
-            return
-        for handle in [router, *getattr(self, "draft_actors", [])]:
-            try:
-                ray.kill(handle)
-            except Exception:
-                pass
+            logger.warning("raysvc cluster: router abandon failed: %r", e)
 
 
 def _digest(a: ServeArgs) -> str:
