@@ -122,6 +122,7 @@ def serve_args_from_cli(args: argparse.Namespace):
                      max_stop_string_length=args.max_stop_string_length,
                      max_bad_words=args.max_bad_words, max_logit_bias=args.max_logit_bias,
                      max_structured_output_bytes=args.max_structured_output_bytes,
+                     max_logprobs=args.max_logprobs,
                      allow_unauthenticated=args.allow_unauthenticated,
                      metrics_public=args.metrics_public,
                      enable_fastapi_docs=args.enable_fastapi_docs,
@@ -237,6 +238,8 @@ def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
     p.add_argument("--max-logit-bias", type=int, default=300, help="logit_bias entries")
     p.add_argument("--max-structured-output-bytes", type=int, default=65536,
                    help="size of one request's JSON schema, regex, grammar or choices")
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="top alternatives per token a request may ask for (at most 20)")
     p.add_argument("--ingress-replicas", type=int, default=2,
                    help="HTTP ingress replicas (one's death cuts only its own streams)")
     p.add_argument("--max-ongoing-requests", type=int, default=1024,

@@ -197,6 +197,19 @@ class _Silent(Worker):
                 SeqDelta(0, [100 + len(prompt) + step], None, None)], False))])
 
 
+def _health_checks(router, dropped: bool) -> list[str]:
+    """The router's worker_failed answers `dropped` (the worker failed its health check);
+    the returned list records which workers the client asked about."""
+    checked: list[str] = []
+
+    async def worker_failed(worker_id):
+        checked.append(worker_id)
+        return dropped
+
+    router.worker_failed = _M(worker_failed)
+    return checked
+
+
 def _collect(client, params):
     async def main():
         tokens = []
@@ -212,13 +225,7 @@ def test_a_stream_whose_worker_is_stuck_fails_over():
     is stuck), and the stream continues on the next worker from the tokens it has."""
     stuck, healthy = _Silent("w0"), Worker("w1")
     router = Router([stuck, healthy])
-    checked = []
-
-    async def dropped(worker_id):
-        checked.append(worker_id)
-        return True
-
-    router.worker_failed = _M(dropped)
+    checked = _health_checks(router, dropped=True)
     client = ClusterClient(router, stall_check_s=0.2)
     tokens = _collect(client, {"n": 1, "max_tokens": 6})
     assert checked and checked[0] == "w0"
@@ -240,12 +247,6 @@ def test_a_slow_but_healthy_worker_is_waited_for():
 
     slow, other = Slow("w0"), Worker("w1")
     router = Router([slow, other])
-    checks = []
-
-    async def healthy(worker_id):
-        checks.append(worker_id)
-        return False
-
-    router.worker_failed = _M(healthy)
+    checks = _health_checks(router, dropped=False)
     tokens = _collect(ClusterClient(router, stall_check_s=0.2), {"n": 1, "max_tokens": 4})
     assert len(tokens) == 4 and checks and not other.submitted

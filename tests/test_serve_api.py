@@ -300,3 +300,33 @@ def test_planning_a_request_does_not_stall_the_event_loop(tokenizer):
         assert took < 0.5, f"/version waited {took:.2f}s behind a request's planning"
     finally:
         stop()
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": "x", "prompt_logprobs": 6}, "prompt_logprobs"),
+    ({"prompt": "x", "stop": ["a", "b", "c"]}, "stop"),
+    ({"prompt": "x", "bad_words": ["a", "b", "c"]}, "bad_words"),
+    ({"prompt": "x", "logit_bias": {"1": 1, "2": 1, "3": 1}}, "logit_bias"),
+    ({"prompt": "x", "guided_regex": "a" * 200}, "guided_regex"),
+])
+def test_request_cost_limits_are_the_servers_knobs(tokenizer, body, param):
+    """The limits come from ServeArgs (here set low): a request past one is a 400 naming
+    its field, before anything reaches the cluster."""
+    import json as _json
+
+    from raysvc.cluster.client import ClusterClient
+    from raysvc.serve.args import ServeArgs
+    from raysvc.serve.errors import APIError
+    from raysvc.serve.handler import OpenAIHandler
+    from raysvc.serve.planner import ModelFacts
+
+    limits = ServeArgs(max_logprobs=5, max_stop_strings=2, max_bad_words=2, max_logit_bias=2,
+                       max_structured_output_bytes=128).request_limits()
+    server = OpenAIHandler(tokenizer, ModelFacts("m", 256, 512, limits=limits),
+                           ClusterClient(FakeRouter([FakeWorker()])))
+    with pytest.raises(APIError) as e:
+        server.start(_json.dumps(body).encode(), chat=False)
+    assert e.value.status == 400 and e.value.param == param, e.value.message
+    server.start(_json.dumps({"prompt": "x", "logprobs": 5, "stop": ["a", "b"]}).encode(),
+                 chat=False)  # at the limits: fine

@@ -153,6 +153,7 @@ def _digest(a: ServeArgs) -> str:
                                     "enable_fastapi_docs", "max_stop_strings",
                                     "max_stop_string_length", "max_bad_words",
                                     "max_logit_bias", "max_structured_output_bytes",
+                                    "max_logprobs",
                                     "served_model_name"})
     return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()
                           ).hexdigest()[:8]

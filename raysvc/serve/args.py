@@ -52,6 +52,7 @@ class ServeArgs(BaseModel):
     max_bad_words: int = Field(64, ge=0)
     max_logit_bias: int = Field(300, ge=0)
     max_structured_output_bytes: int = Field(65536, ge=64)
+    max_logprobs: int = Field(20, ge=0, le=20)  # vLLM's; 20 is also OpenAI's maximum
     # how the model writes tool calls: "auto" (from its chat template and architecture),
     # or vLLM's --tool-call-parser names: hermes, llama3_json, mistral
     tool_call_parser: str = "auto"
@@ -180,7 +181,8 @@ class ServeArgs(BaseModel):
         return RequestLimits(max_stop_strings=self.max_stop_strings,
                              max_stop_string_length=self.max_stop_string_length,
                              max_bad_words=self.max_bad_words, max_logit_bias=self.max_logit_bias,
-                             max_structured_output_bytes=self.max_structured_output_bytes)
+                             max_structured_output_bytes=self.max_structured_output_bytes,
+                             max_logprobs=self.max_logprobs)
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("RAYSVC_API_KEY") or None

@@ -48,6 +48,7 @@ class RequestLimits:
     max_bad_words: int = 64
     max_logit_bias: int = 300  # entries
     max_structured_output_bytes: int = 65536  # the schema / regex / grammar / choices
+    max_logprobs: int = 20  # vLLM's --max-logprobs (top alternatives per token)
 
 @dataclass(slots=True)
 class Plan:
@@ -186,6 +187,12 @@ def plan(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]
     else:
         logprobs = req.logprobs
         echo_logprobs = req.echo and logprobs is not None
+    limit = facts.limits.max_logprobs
+    for name, asked in (("top_logprobs" if chat else "logprobs", logprobs),
+                        ("prompt_logprobs", req.prompt_logprobs)):
+        if asked is not None and asked > limit:
+            raise bad_request(f"{name}: {asked} alternatives per token; this server allows "
+                              f"at most {limit} (--max-logprobs)", param=name)
     prompt_top = [x for x in (req.prompt_logprobs, logprobs if echo_logprobs else None)
                   if x is not None]
     params: dict[str, Any] = dict(
