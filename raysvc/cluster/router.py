@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from raysvc.block_hash import hash_blocks
 from raysvc.cluster.actors import was_restarted
+from raysvc.cluster.ledger import AdmissionLedger
 from raysvc.cluster.messages import (
     NoWorkers,
     Overloaded,
@@ -93,7 +94,7 @@ class Router:
         self.placement = placement
         self._placer = Placer(placement)
         self.events_wait_s = events_wait_s
-        self._owner: dict[str, str] = {}  # admitted ticket -> worker id
+        self.ledger = AdmissionLedger()  # admitted tickets: the one writer of the room used
         self._released: OrderedDict[str, None] = OrderedDict()  # releases that beat acquire
         self._monitor: asyncio.Task | None = None
         self.metrics = ClusterMetrics()
@@ -108,7 +109,6 @@ class Router:
         self.names = names
         self.ledger_grace_s = ledger_grace_s
         self.orphan_timeout_s = orphan_timeout_s  # no keepalive for this long: shut down
-        self._admitted_at: dict[str, float] = {}  # ticket -> when it was admitted
         self._joining: dict[str, asyncio.Lock] = {}  # worker id -> its joins, one at a time
         self._started = asyncio.Event()  # the pool is up (set at once without a pool)
         if worker_spec is None:
@@ -172,7 +172,7 @@ class Router:
         """Refuse new requests from now on (ShuttingDown: HTTP 503); return how many are
         still in flight (admitted or queued) — the service drains before it stops."""
         self._closing = True
-        return len(self._owner) + len(self._queue)
+        return len(self.ledger) + len(self._queue)
 
     def keepalive(self) -> None:
         """The application's owner (the cluster replica) is alive."""
@@ -192,7 +192,7 @@ class Router:
             return False
         self._closing = True
         deadline = time.monotonic() + drain_s
-        while (self._owner or self._queue) and time.monotonic() < deadline:
+        while (len(self.ledger) or self._queue) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         if self.pool is not None:
             self.pool.stop(kill=True)
@@ -297,11 +297,7 @@ class Router:
         for ticket_id, num_prompt_tokens, n in running:
             if self._released.pop(ticket_id, "absent") is None:
                 continue  # its caller released it while we were away
-            blocks, seqs = entry.admitted[ticket_id] = entry.need(num_prompt_tokens, n)
-            entry.used_blocks += blocks
-            entry.used_seqs += seqs
-            self._owner[ticket_id] = worker_id
-            self._admitted_at[ticket_id] = now
+            self.ledger.admit(entry, ticket_id, num_prompt_tokens, n, now)
         self._feeds[worker_id] = asyncio.create_task(self._feed(entry))
         if self._monitor is None or self._monitor.done():
             self._monitor = asyncio.create_task(self._watch())
@@ -317,9 +313,7 @@ class Router:
         feed = self._feeds.pop(worker_id, None)
         if feed is not None:
             feed.cancel()
-        for ticket_id in worker.admitted:
-            self._owner.pop(ticket_id, None)
-            self._admitted_at.pop(ticket_id, None)
+        self.ledger.forget_worker(worker)
         self.metrics.forget_worker(worker_id)
         logger.warning("router: worker %s removed", worker_id)
         self._fail_queue_if_hopeless()
@@ -381,10 +375,9 @@ class Router:
         """
         if self._released.pop(ticket_id, "absent") is None:
             return None
-        owner = self._owner.get(ticket_id)
+        owner = self.ledger.owner(ticket_id)
         if owner is not None:  # asked again (the answer to the first ask was lost)
-            entry = self._workers[owner]
-            return Ticket(ticket_id, owner, entry.handle)
+            return Ticket(ticket_id, owner.worker_id, owner.handle)
         queued = next((w for w in self._queue if w.ticket_id == ticket_id), None)
         if queued is not None:  # asked again while the first ask still waits
             return await asyncio.shield(queued.future)
@@ -419,14 +412,7 @@ class Router:
 
     def release(self, ticket_id: str) -> None:
         """The request is over (finished, aborted, failed): free its room, admit the next."""
-        worker_id = self._owner.pop(ticket_id, None)
-        self._admitted_at.pop(ticket_id, None)
-        if worker_id is not None:
-            worker = self._workers.get(worker_id)
-            if worker is not None:
-                blocks, seqs = worker.admitted.pop(ticket_id, (0, 0))
-                worker.used_blocks -= blocks
-                worker.used_seqs -= seqs
+        if self.ledger.release(ticket_id) is not None:
             self._dispatch()
             return
         for waiting in self._queue:
@@ -453,13 +439,9 @@ class Router:
                 break
             worker.index.place(head.hashes)
             self._queue.popleft()
-            blocks, seqs = worker.need(head.num_prompt_tokens, head.n)
-            worker.admitted[head.ticket_id] = (blocks, seqs)
-            worker.used_blocks += blocks
-            worker.used_seqs += seqs
+            self.ledger.admit(worker, head.ticket_id, head.num_prompt_tokens, head.n,
+                              time.monotonic())
             worker.requests_routed += 1
-            self._owner[head.ticket_id] = worker.info.worker_id
-            self._admitted_at[head.ticket_id] = time.monotonic()
             head.future.set_result(Ticket(head.ticket_id, worker.info.worker_id, worker.handle))
         self.metrics.queue(len(self._queue))
 
@@ -542,18 +524,10 @@ class Router:
         """Release tickets admitted to `worker` that it does not hold (their release was
         lost, e.g. sent while this router was restarting), after a grace period that
         covers the moment between a ticket and its submission."""
-        holding, now = set(held), time.monotonic()
-        lost = [t for t in worker.admitted if t not in holding
-                and now - self._admitted_at.get(t, now) > self.ledger_grace_s]
+        lost = self.ledger.reconcile(worker, set(held), time.monotonic(), self.ledger_grace_s)
         for ticket_id in lost:
             logger.warning("router: %s does not hold %s; releasing it", worker.worker_id,
                            ticket_id)
-            blocks, seqs = worker.admitted.pop(ticket_id)
-            worker.used_blocks -= blocks
-            worker.used_seqs -= seqs
-            if self._owner.get(ticket_id) == worker.worker_id:
-                del self._owner[ticket_id]
-                self._admitted_at.pop(ticket_id, None)
         if lost:
             self._dispatch()
 
