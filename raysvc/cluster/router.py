@@ -201,13 +201,13 @@ class Router:
         return True
 
     async def abandon(self, token: str, drain_s: float, grace_s: float,
-                      also_stop: list[Any] | None = None) -> bool:
+                      also_stop: list[str] | None = None) -> bool:
         """The owning cluster replica is stopping. Either a config update is replacing it
         (Serve may stop the old replica before it starts the new one) and the new replica
         claims this router within `grace_s`; or the application is being deleted, and
         then, after `grace_s`, this drains for up to `drain_s`, stops every worker, the
-        actors in `also_stop` (the draft pool) and itself. Requests are served all the
-        while: an update is no outage. False if a newer replica owns this router already."""
+        actors named in `also_stop` (the draft pool) and itself. Requests are served all
+        the while: an update is no outage. False if a newer replica owns this router."""
         if token != self._owner_token:
             return False
         self._abandoned = asyncio.create_task(
@@ -215,7 +215,7 @@ class Router:
         return True
 
     async def _stop_unless_claimed(self, token: str, drain_s: float, grace_s: float,
-                                   also_stop: list[Any]) -> None:
+                                   also_stop: list[str]) -> None:
         await asyncio.sleep(grace_s)
         if self._owner_token != token:
             return  # a newer replica (a config update) owns this router now
@@ -224,10 +224,10 @@ class Router:
         await self.shutdown(token, drain_s)
         import ray
 
-        for handle in also_stop:
+        for name in also_stop:
             try:
-                ray.kill(handle)
-            except Exception:
+                ray.kill(self.names.get(name) if self.names else ray.get_actor(name))
+            except Exception:  # gone already
                 pass
         ray.actor.exit_actor()
 

@@ -129,11 +129,11 @@ class RaysvcCluster:
         import ray
 
         router = getattr(self, "router", None)
-        if router is None:
+        if router is None or not ray.is_initialized():  # Ray itself is gone: nothing to tell
             return
+        drafts = [self.names.draft(i) for i in range(len(getattr(self, "draft_actors", [])))]
         try:
-            ray.get(router.abandon.remote(self.token, self.drain_s, ABANDON_GRACE_S,
-                                          list(getattr(self, "draft_actors", []))),
+            ray.get(router.abandon.remote(self.token, self.drain_s, ABANDON_GRACE_S, drafts),
                     timeout=30)
         except Exception as e:  # already gone: its workers die with the application anyway
             logger.warning("raysvc cluster: router abandon failed: %r", e)
