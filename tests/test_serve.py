@@ -52,7 +52,8 @@ class Server:
             "--max-body-bytes", str(MAX_BODY), "--max-n", "4", "--worker-threads", "1",
             "--num-cpus", "2", "--min-workers", "1", "--max-workers", "2",
             # an elastic pool that never grows here: its stats, not its scaling
-            "--worker-autoscaling", '{"upscale_delay_s": 3600}', "--ingress-replicas", "1"]
+            "--worker-autoscaling", '{"upscale_delay_s": 3600}', "--ingress-replicas", "1",
+            "--max-structured-output-bytes", "16384"]
         cmd = [sys.executable, "-m", "raysvc.cli", "serve", "--port", str(self.port), *flags]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
@@ -428,7 +429,7 @@ COMPLETIONS_BAD = [
     ({"prompt": "x", "stop": ["x" * 257]}, 400, "stop"),
     ({"prompt": "x", "bad_words": [f"w{i}" for i in range(65)]}, 400, "bad_words"),
     ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
-    ({"prompt": "x", "guided_regex": "a" * 70000}, 400, "guided_regex"),
+    ({"prompt": "x", "guided_regex": "a" * 20000}, 400, "guided_regex"),  # limit 16384
 ]
 
 CHAT_BAD = [
