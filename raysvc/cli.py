@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
 
     bench = sub.add_parser("bench", help="benchmarks (the rest of the arguments go to them)")
-    bench.add_argument("what", choices=["engine", "kernels", "serve", "spec", "routing",
+    bench.add_argument("what", choices=["engine", "kernels", "serve", "spec", "routing", "router",
                                         "prefix-cache", "autoscale", "chaos", "batch",
                                         "structured"])
     return parser

@@ -1,0 +1,24 @@
+"""`raysvc bench router` runs end to end (a real Router actor, fake workers, client
+actors) and reports what it measured; the numbers themselves go to docs/perf.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_bench_router_reports_admissions_and_latency(tmp_path):
+    out = tmp_path / "router.json"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-m", "raysvc.cli", "bench", "router", "--workers",
+                          "2", "--clients", "2", "--in-flight", "8", "--duration", "3",
+                          "--num-cpus", "2", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["admitted"] > 0 and sum(report["per_second"]) == report["admitted"]
+    assert 0 < report["latency_p50_ms"] <= report["latency_p99_ms"]
+    assert "requests/s" in run.stdout
