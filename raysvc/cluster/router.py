@@ -281,7 +281,7 @@ class Router:
             return await self._join(worker_id, handle)
 
     async def _join(self, worker_id: str, handle: Any) -> WorkerInfo:
-        info: WorkerInfo = await handle.info.remote()
+        info: WorkerInfo = await _once_up(handle.info)
         max_seqs = min(info.max_num_seqs, self.max_seqs_per_worker or info.max_num_seqs)
         known = self._workers.get(worker_id)
         if known is not None and known.info.pid == info.pid:  # joined already (twice asked)
@@ -577,3 +577,21 @@ class Router:
 
     def workers(self) -> dict[str, WorkerInfo]:
         return {worker_id: w.info for worker_id, w in self._workers.items()}
+
+
+async def _once_up(method: Any, timeout_s: float = 120.0) -> Any:
+    """`method.remote()`, waiting out its actor's restart: a restarted worker asks to
+    re-join from its constructor, and until that returns Ray answers calls to it with
+    ActorUnavailableError ("the actor is restarting") instead of queueing them."""
+    try:
+        from ray.exceptions import ActorUnavailableError
+    except ImportError:  # pragma: no cover - Ray is a dependency
+        ActorUnavailableError = ()  # noqa: N806
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await method.remote()
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
