@@ -264,6 +264,8 @@ class ClusterClient:
         engine behind a full batch), so silence alone proves nothing: every stall_check_s
         without a chunk the router checks the worker's health (which fails when its engine
         is stuck in one step), and a worker it drops fails this stream over."""
+        if not queue.empty():  # the per-chunk path: no timer when a chunk is waiting
+            return queue.get_nowait()
         while True:
             try:
                 return await asyncio.wait_for(queue.get(), self.stall_check_s)
