@@ -129,3 +129,27 @@ def queue_channel(queue: asyncio.Queue):
             yield fut
 
     return items()
+
+
+def fake_exchange(acquire, release, block_size: int = 16):
+    """`Router.exchange` for an in-process fake router, from its one-ticket `acquire(ticket_id,
+    num_prompt_tokens, n, request)` (returns a Ticket or raises) and `release(ticket_id)`."""
+    from raysvc.cluster.messages import ExchangeReply
+
+    async def exchange(client_id, acquires, releases, wait_s=0.0):
+        reply = ExchangeReply("fake", block_size=block_size)
+        for ticket_id in releases:
+            await release(ticket_id)
+        for req in acquires:
+            try:
+                ticket = await acquire(req.ticket_id, req.num_prompt_tokens, req.n, req)
+            except Exception as e:
+                reply.results.append((req.ticket_id, e))
+                continue
+            reply.results.append((req.ticket_id, ticket.worker_id))
+            reply.handles[ticket.worker_id] = ticket.worker
+        if not (acquires or releases) and wait_s:
+            await asyncio.sleep(min(wait_s, 0.05))
+        return reply
+
+    return exchange

@@ -14,11 +14,16 @@ def test_bench_router_reports_admissions_and_latency(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     run = subprocess.run([sys.executable, "-m", "raysvc.cli", "bench", "router", "--workers",
-                          "2", "--clients", "2", "--in-flight", "8", "--duration", "3",
+                          "2", "--clients", "2", "--in-flight", "8", "--duration", "2",
                           "--num-cpus", "2", "--json", str(out)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["admitted"] > 0 and sum(report["per_second"]) == report["admitted"]
-    assert 0 < report["latency_p50_ms"] <= report["latency_p99_ms"]
-    assert "requests/s" in run.stdout
+    for protocol in ("batched", "per-request"):
+        phase = report[protocol]
+        assert phase["admitted"] > 0 and sum(phase["per_second"]) == phase["admitted"]
+        assert 0 < phase["latency_p50_ms"] <= phase["latency_p99_ms"]
+    # the per-request protocol makes two router calls per request; batching far fewer
+    assert report["per-request"]["requests_per_call"] == 0.5
+    assert report["batched"]["requests_per_call"] > 1
+    assert report["ratio"] > 0 and "batched / per-request" in run.stdout

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import queue_channel
+from conftest import fake_exchange, queue_channel
 from ray.exceptions import ActorDiedError
 
 from raysvc.cluster.client import ClusterClient
@@ -36,7 +36,7 @@ class Worker:
     def remote(self, channel_id):
         return queue_channel(self.queues.setdefault(channel_id, asyncio.Queue()))
 
-    async def _submit(self, channel_id, request_id, prompt, params):
+    async def _submit(self, channel_id, request_id, prompt, params, priority=0):
         self.submitted.append((request_id, list(prompt), dict(params)))
         queue = self.queues.setdefault(channel_id, asyncio.Queue())
         n, total = params["n"], params["max_tokens"]
@@ -61,7 +61,7 @@ class Worker:
 class Router:
     def __init__(self, workers):
         self.workers = list(workers)
-        self.acquire, self.release = _M(self._acquire), _M(self._release)
+        self.exchange = _M(fake_exchange(self._acquire, self._release))
         self.worker_failed = _M(self._failed)
 
     async def _acquire(self, ticket_id, num_tokens, n, *_):
@@ -110,7 +110,7 @@ def test_a_request_that_failed_on_its_own_is_not_replayed():
     from raysvc.cluster.messages import RequestFailed
 
     class Failing(Worker):
-        async def _submit(self, channel_id, request_id, prompt, params):
+        async def _submit(self, channel_id, request_id, prompt, params, priority=0):
             self.submitted.append((request_id, list(prompt), dict(params)))
             queue = self.queues.setdefault(channel_id, asyncio.Queue())
             queue.put_nowait([(request_id, StreamChunk(0, [], True,
@@ -152,7 +152,7 @@ def test_a_stop_string_found_by_the_caller_ends_that_sample_on_its_worker():
         async def _finish_sample(self, request_id, index):
             self.finished_samples.append((request_id, index))
 
-        async def _submit(self, channel_id, request_id, prompt, params):
+        async def _submit(self, channel_id, request_id, prompt, params, priority=0):
             self.submitted.append((request_id, list(prompt), dict(params)))
             queue = self.queues.setdefault(channel_id, asyncio.Queue())
 
@@ -189,7 +189,7 @@ def test_a_stop_string_found_by_the_caller_ends_that_sample_on_its_worker():
 class _Silent(Worker):
     """Streams two chunks, then nothing more (its engine hangs in a step)."""
 
-    async def _submit(self, channel_id, request_id, prompt, params):
+    async def _submit(self, channel_id, request_id, prompt, params, priority=0):
         self.submitted.append((request_id, list(prompt), dict(params)))
         queue = self.queues.setdefault(channel_id, asyncio.Queue())
         for step in range(2):
@@ -238,7 +238,7 @@ def test_a_slow_but_healthy_worker_is_waited_for():
     """Silence alone is no failure: the router finds the worker healthy, the client keeps
     waiting, and the stream finishes where it started."""
     class Slow(Worker):
-        async def _submit(self, channel_id, request_id, prompt, params):
+        async def _submit(self, channel_id, request_id, prompt, params, priority=0):
             async def later():
                 await asyncio.sleep(0.6)  # queued in its engine: longer than two checks
                 await Worker._submit(self, channel_id, request_id, prompt, params)
@@ -250,3 +250,42 @@ def test_a_slow_but_healthy_worker_is_waited_for():
     checks = _health_checks(router, dropped=False)
     tokens = _collect(ClusterClient(router, stall_check_s=0.2), {"n": 1, "max_tokens": 4})
     assert len(tokens) == 4 and checks and not other.submitted
+
+
+def test_the_ingress_hashes_blocks_and_passes_priority_and_tenant():
+    """What the router gets is the prompt's block hashes (as the workers' prefix caches
+    name them: `hash_blocks` over all but the last token, salted), never its token ids;
+    priority and tenant reach the router, priority the worker's engine too."""
+    from raysvc.block_hash import hash_blocks
+
+    seen: list = []
+    submitted: list = []
+
+    class Recording(Worker):
+        async def _submit(self, channel_id, request_id, prompt, params, priority=0):
+            submitted.append(priority)
+            await super()._submit(channel_id, request_id, prompt, params)
+
+    router = Router([Recording("w0")])
+    acquire = router._acquire
+
+    async def recording_acquire(ticket_id, num_tokens, n, req):
+        seen.append(req)
+        return await acquire(ticket_id, num_tokens, n)
+
+    router.exchange = _M(fake_exchange(recording_acquire, router._release, block_size=4))
+    client = ClusterClient(router)
+    prompt = list(range(10, 23))  # 13 tokens: 3 full blocks of 4 before the last token
+
+    async def main():
+        async for _ in client.generate("r", prompt, {"n": 1, "max_tokens": 2,
+                                                     "cache_salt": "s"},
+                                       priority=-2, tenant="team-a"):
+            pass
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    req = seen[0]
+    assert req.block_hashes == hash_blocks(prompt[:-1], 4, "s") and len(req.block_hashes) == 3
+    assert (req.priority, req.tenant, req.num_prompt_tokens) == (-2, "team-a", 13)
+    assert not hasattr(req, "prompt_token_ids")
+    assert submitted == [-2]

@@ -14,7 +14,7 @@ import time
 
 import aiohttp
 import pytest
-from conftest import queue_channel
+from conftest import fake_exchange, queue_channel
 from ray.exceptions import ActorDiedError
 
 from raysvc.cluster.messages import NoWorkers, Overloaded, SeqDelta, StreamChunk, Ticket
@@ -43,7 +43,7 @@ class FakeWorker:
     def remote(self, channel_id):
         return queue_channel(self.channels.setdefault(channel_id, asyncio.Queue()))
 
-    async def _submit(self, channel_id, request_id, prompt, params):
+    async def _submit(self, channel_id, request_id, prompt, params, priority=0):
         queue = self.channels.setdefault(channel_id, asyncio.Queue())
 
         async def play():
@@ -69,8 +69,7 @@ class FakeRouter:
         self.workers_list, self.refuse = list(workers), refuse
         self.released: list[str] = []
         self.failed: list[str] = []
-        self.acquire = _M(self._acquire)
-        self.release = _M(self._release)
+        self.exchange = _M(fake_exchange(self._acquire, self._release))
         self.worker_failed = _M(self._failed)
         self.workers = _M(self._workers)
         self.stats = _M(self._stats)

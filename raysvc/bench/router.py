@@ -5,11 +5,15 @@
 
 A real `Router` actor with `--workers` fake worker actors (no engine: each answers the
 router's calls — info, health, load reports, KV events — with a roomy, idle worker) and
-`--clients` client actors, each keeping `--in-flight` requests admitted at once: acquire
-(with a prompt of `--prompt-tokens` token ids, so placement hashes blocks as it does for
-real requests), hold for `--hold-ms`, release, repeat. Reported: admitted requests/s
-over the run, and the admission latency (acquire's round trip) p50 / p99, per client
-actor and in all. `--plot` draws admissions per second over time.
+`--clients` client actors (stand-ins for ingress processes), each keeping `--in-flight`
+requests admitted at once: hash the prompt's blocks (`--prompt-tokens` token ids, as the
+ingress does), acquire, hold for `--hold-ms`, release, repeat. Two protocols, one after
+the other in one run (`--protocol both`, the default): "batched", through the ingress's
+own `TicketBatcher` (one `Router.exchange` call in flight per process, carrying every
+acquire and release made meanwhile), and "per-request", one Router call per acquire and
+per release (the protocol before batching: the reference). Reported per protocol:
+admitted requests/s, admission latency (hash + acquire) p50 / p99, requests per router
+call; and the ratio. `--plot` draws admissions per second over time.
 
 This is the measure of issue [router-scale] (goal: >= 10,000 admissions/s on this
 machine); what it printed is in docs/perf.md with the command.
@@ -24,6 +28,8 @@ import os
 import platform
 import sys
 import time
+
+PROTOCOLS = ("batched", "per-request")
 
 
 class FakeWorker:
@@ -58,13 +64,20 @@ class FakeWorker:
 
 
 class Client:
-    """Keeps `in_flight` requests admitted: acquire, hold, release, again."""
+    """Keeps `in_flight` requests admitted: acquire, hold, release, again — through the
+    ingress's own `TicketBatcher` ("batched"), or one Router call per acquire and per
+    release ("per-request": the protocol before batching, the reference)."""
 
     def __init__(self, router, index: int) -> None:
         self.router, self.index = router, index
 
     async def run(self, duration_s: float, in_flight: int, prompt_tokens: int,
-                  hold_s: float) -> dict:
+                  hold_s: float, protocol: str, block_size: int = 16) -> dict:
+        from raysvc.block_hash import hash_blocks
+        from raysvc.cluster.messages import AcquireRequest
+        from raysvc.cluster.tickets import TicketBatcher
+
+        batcher = TicketBatcher(self.router)
         latencies: list[float] = []
         per_second: dict[int, int] = {}
         start = time.monotonic()
@@ -79,18 +92,27 @@ class Client:
                 prompt = [(self.index * 7919 + counter * 31 + i) % 32000
                           for i in range(prompt_tokens)]
                 t = time.monotonic()
-                await self.router.acquire.remote(ticket_id, prompt_tokens, 1, prompt)
+                # the ingress hashes the prompt's blocks (its cost is counted here)
+                hashes = hash_blocks(prompt[:-1], block_size)
+                if protocol == "batched":
+                    await batcher.acquire(AcquireRequest(ticket_id, prompt_tokens, 1, hashes))
+                else:
+                    await self.router.acquire.remote(ticket_id, prompt_tokens, 1, hashes)
                 done = time.monotonic()
                 latencies.append(done - t)
                 second = int(done - start)
                 per_second[second] = per_second.get(second, 0) + 1
                 if hold_s:
                     await asyncio.sleep(hold_s)
-                self.router.release.remote(ticket_id)
+                if protocol == "batched":
+                    batcher.release(ticket_id)
+                else:
+                    self.router.release.remote(ticket_id)
 
         await asyncio.gather(*(loop(s) for s in range(in_flight)))
         return {"admitted": len(latencies), "seconds": time.monotonic() - start,
-                "latencies": latencies, "per_second": per_second}
+                "latencies": latencies, "per_second": per_second,
+                "calls": batcher.calls if protocol == "batched" else 2 * len(latencies)}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -107,36 +129,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--hold-ms", type=float, default=0.0, help="how long a ticket is held")
     p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--protocol", choices=(*PROTOCOLS, "both"), default="both",
+                   help="batched (the ingress's TicketBatcher), per-request (one Router "
+                        "call per acquire and per release: the reference), or both, one "
+                        "after the other, with their ratio")
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--plot", default=None, help="PNG of admissions per second")
     p.add_argument("--json", default=None)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
+def _phase(ray, args, protocol: str) -> dict:
+    """One protocol's run: a fresh router, its fake workers, the clients."""
     from raysvc.cluster.launch import start_router
 
-    ray.init(address="local", num_cpus=args.num_cpus or max(os.cpu_count() or 1, 2),
-             include_dashboard=False, logging_level="warning")
-    try:
-        seats = 1 << 16  # never the limit: the router's own cost is what is measured
-        router = start_router(max_queue_len=1 << 16)
-        workers = [ray.remote(FakeWorker).options(num_cpus=0, max_concurrency=64).remote(
-            f"fake-{i}", seats, 1 << 24) for i in range(args.workers)]
-        for i, w in enumerate(workers):
-            ray.get(router.add_worker.remote(f"fake-{i}", w), timeout=60)
-        clients = [ray.remote(Client).options(num_cpus=0, max_concurrency=4).remote(router, i)
-                   for i in range(args.clients)]
-        results = ray.get([c.run.remote(args.duration, args.in_flight, args.prompt_tokens,
-                                         args.hold_ms / 1000) for c in clients],
-                          timeout=args.duration + 600)
-    finally:
-        ray.shutdown()
-
+    seats = 1 << 16  # never the limit: the router's own cost is what is measured
+    router = start_router(max_queue_len=1 << 16)
+    workers = [ray.remote(FakeWorker).options(num_cpus=0, max_concurrency=64).remote(
+        f"fake-{i}", seats, 1 << 24) for i in range(args.workers)]
+    for i, w in enumerate(workers):
+        ray.get(router.add_worker.remote(f"fake-{i}", w), timeout=60)
+    clients = [ray.remote(Client).options(num_cpus=0, max_concurrency=4).remote(router, i)
+               for i in range(args.clients)]
+    results = ray.get([c.run.remote(args.duration, args.in_flight, args.prompt_tokens,
+                                     args.hold_ms / 1000, protocol) for c in clients],
+                      timeout=args.duration + 600)
+    for actor in [router, *workers, *clients]:
+        ray.kill(actor)
     admitted = sum(r["admitted"] for r in results)
     seconds = max(r["seconds"] for r in results)
     latencies = [x for r in results for x in r["latencies"]]
@@ -144,21 +163,46 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         for s, n in r["per_second"].items():
             per_second[s] = per_second.get(s, 0) + n
-    report = {
-        "command": "raysvc bench router " + " ".join(argv if argv is not None else sys.argv[2:]),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    calls = sum(r["calls"] for r in results)
+    return {
         "admitted": admitted, "admitted_per_s": round(admitted / seconds, 1),
         "latency_p50_ms": round(1000 * _pct(latencies, 0.5), 2),
         "latency_p99_ms": round(1000 * _pct(latencies, 0.99), 2),
+        "router_calls": calls, "requests_per_call": round(admitted / max(calls, 1), 2),
         "per_second": [per_second.get(s, 0) for s in range(int(seconds) + 1)],
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    ray.init(address="local", num_cpus=args.num_cpus or max(os.cpu_count() or 1, 2),
+             include_dashboard=False, logging_level="warning")
+    try:
+        phases = {p: _phase(ray, args, p) for p in protocols}
+    finally:
+        ray.shutdown()
+
+    report = {
+        "command": "raysvc bench router " + " ".join(argv if argv is not None else sys.argv[2:]),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), **phases,
+    }
+    if len(phases) == 2:
+        report["ratio"] = round(phases["batched"]["admitted_per_s"]
+                                / max(phases["per-request"]["admitted_per_s"], 1e-9), 2)
     print(f"command: {report['command']}\nmachine: {report['machine']}; date: {report['date']}")
     print(f"{args.workers} fake workers, {args.clients} clients x {args.in_flight} in flight, "
           f"{args.prompt_tokens}-token prompts, hold {args.hold_ms:g} ms")
-    print(f"admitted {admitted} in {seconds:.1f}s: {report['admitted_per_s']} requests/s; "
-          f"admission latency p50 {report['latency_p50_ms']} ms, "
-          f"p99 {report['latency_p99_ms']} ms")
+    for protocol, r in phases.items():
+        print(f"{protocol:>12}: admitted {r['admitted']}: {r['admitted_per_s']} requests/s; "
+              f"admission latency p50 {r['latency_p50_ms']} ms, p99 {r['latency_p99_ms']} "
+              f"ms; {r['requests_per_call']} requests per router call")
+    if "ratio" in report:
+        print(f"batched / per-request: {report['ratio']}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
@@ -169,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 3))
-        ax.plot(range(len(report["per_second"])), report["per_second"])
+        for protocol, r in phases.items():
+            ax.plot(range(len(r["per_second"])), r["per_second"], label=protocol)
         ax.set_xlabel("second")
         ax.set_ylabel("admissions / s")
+        ax.set_yscale("log")
+        ax.legend()
         ax.set_title(f"Router: {args.workers} fake workers, {args.clients} clients")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=100)

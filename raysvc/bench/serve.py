@@ -3,6 +3,7 @@
     raysvc bench serve                       # starts a local raysvc server, then loads it
     raysvc bench serve --url http://host:8000 --model NAME
     raysvc bench serve --compare-engine      # + the bare AsyncEngine on the same workload
+    raysvc bench serve --mode requests       # requests/s vs a bare Serve echo app
 
 Requests are streaming /v1/completions with token-id prompts of fixed lengths and
 `ignore_eos`, so every request produces exactly `--output-len` tokens and any server (raysvc,
@@ -11,6 +12,12 @@ request throughput, output tokens/s, and TTFT, TPOT, ITL (mean, p50, p90, p99) a
 markdown table and JSON. With `--compare-engine`, the same workload (same prompts, same
 concurrency or arrival times) runs on an in-process `AsyncEngine` with the worker's engine
 settings, and the HTTP path's output throughput is reported as a ratio of the engine's.
+
+`--mode requests` measures the request rate instead of tokens: max_tokens 1, short
+prompts, many concurrent clients (64 unless `--concurrency` says otherwise), 2,000
+requests. On the same local Ray and Serve it then runs the same workload against a bare
+Serve app that echoes (`echo.py`, the ingress's replica count and options): the ceiling
+of Serve's proxy on this machine; raysvc's requests/s is reported as a share of it.
 """
 
 from __future__ import annotations
@@ -119,11 +126,11 @@ def http_session(api_key: str | None = None):
                                  headers=headers)
 
 
-async def http_run(args, w: Workload) -> tuple[list[Result], float]:
+async def http_run(args, w: Workload, url: str | None = None) -> tuple[list[Result], float]:
     async with http_session(args.api_key) as session:
         async def one(i: int) -> Result:
-            return await stream_completion(session, args.url, args.model, w.prompts[i],
-                                           w.output_len)
+            return await stream_completion(session, url or args.url, args.model,
+                                           w.prompts[i], w.output_len)
 
         await one(0)  # warm-up: first-request costs are not throughput
         return await drive(w, one)
@@ -205,12 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raysvc bench serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None, help="server to load (default: start a local one)")
-    p.add_argument("--num-prompts", type=int, default=200)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--mode", choices=("tokens", "requests"), default="tokens",
+                   help="tokens: streaming throughput and latencies; requests: requests/s "
+                        "with max_tokens 1, next to a bare Serve echo app (the ceiling)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="default 200 (tokens), 2000 (requests)")
+    p.add_argument("--input-len", type=int, default=None, help="default 128 (tokens), 16")
+    p.add_argument("--output-len", type=int, default=128, help="(1 in requests mode)")
     p.add_argument("--range-ratio", type=float, default=0.0,
                    help="prompt lengths uniform in [input_len*(1-r), input_len]")
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="default 16 (tokens), 64 (requests)")
     p.add_argument("--request-rate", type=float, default=None, help="Poisson rate (req/s)")
     p.add_argument("--vocab-size", type=int, default=1000, help="prompt token ids < this")
     p.add_argument("--seed", type=int, default=0)
@@ -224,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from raysvc.cli import serve_args_from_cli
+
+    requests_mode = args.mode == "requests"
+    for name, tokens, requests in (("num_prompts", 200, 2000), ("input_len", 128, 16),
+                                   ("concurrency", 16, 64)):
+        if getattr(args, name) is None:
+            setattr(args, name, requests if requests_mode else tokens)
+    if requests_mode:
+        args.output_len = 1
 
     serve_args = serve_args_from_cli(args)
     args.model_dir = args.model
@@ -245,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         args.url = launcher.start(serve_args, port=_free_port(), num_cpus=args.num_cpus)
     try:
         rows.insert(0, summarize(f"HTTP {args.url}", *asyncio.run(http_run(args, w))))
+        if requests_mode and local:  # the ceiling, on the same Ray, Serve and proxy
+            from raysvc.bench import echo
+
+            prefix = echo.deploy(serve_args.ingress_replicas, serve_args.ingress_num_cpus,
+                                 serve_args.max_ongoing_requests)
+            rows.append(summarize("bare Serve echo app (the ceiling)",
+                                  *asyncio.run(http_run(args, w, args.url + prefix))))
     finally:
         if local:
             launcher.stop(local=True)
@@ -263,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio = rows[0]["output_throughput"] / rows[1]["output_throughput"]
         report["http_over_engine"] = ratio
         print(f"\nHTTP / engine output throughput: {ratio:.2f}")
+    if rows[-1]["name"].startswith("bare Serve echo"):
+        ratio = rows[0]["request_throughput"] / rows[-1]["request_throughput"]
+        report["raysvc_over_echo"] = ratio
+        print(f"\nraysvc / bare Serve echo requests/s: {ratio:.2f}")
     for s in rows:
         if s["errors"]:
             print(f"{s['name']} errors: {s['errors']}")

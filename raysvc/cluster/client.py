@@ -1,11 +1,12 @@
 """`ClusterClient`: one request's trip through the cluster, as the ingress makes it.
 
-ticket from the router -> submit to the named worker -> read the request's chunks off this
-process's channel to that worker -> release the ticket. The client always releases
-(finished, aborted, failed or cancelled) and aborts the request on its worker if it
-leaves early, so neither the router's ledger nor the worker's KV blocks leak when an
-HTTP client disconnects. Cleanup calls are fire-and-forget submissions (`.remote()` is
-synchronous), so they run even from a cancelled task.
+ticket from the router (through this process's `TicketBatcher`, which batches every
+request's acquire and release into few calls) -> submit to the named worker -> read the
+request's chunks off this process's channel to that worker -> release the ticket. The
+client always releases (finished, aborted, failed or cancelled) and aborts the request on
+its worker if it leaves early, so neither the router's ledger nor the worker's KV blocks
+leak when an HTTP client disconnects. Cleanup calls are fire-and-forget submissions
+(`.remote()` is synchronous), so they run even from a cancelled task.
 
 Seamless failover: when the worker dies (or its engine fails) mid-request, the client
 reports it to the router and places the request again, at the head of the queue, with
@@ -29,20 +30,21 @@ import asyncio
 import contextvars
 import itertools
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from raysvc.block_hash import hash_blocks
 from raysvc.cluster.messages import (
+    AcquireRequest,
     HandedOver,
     RequestFailed,
-    RouterUnavailable,
     SeqDelta,
     StreamChunk,
     Ticket,
     WorkerDied,
 )
+from raysvc.cluster.tickets import TicketBatcher
 
 logger = logging.getLogger(__name__)
 
@@ -135,40 +137,31 @@ def _continued(params: dict[str, Any], num_generated: int) -> dict[str, Any]:
 
 class ClusterClient:
     """`resolve` finds the router again by name after it died for good and was re-created;
-    `router_wait_s` bounds how long a request waits for a router that is restarting."""
+    `router_wait_s` bounds how long a request waits for a router that is restarting.
+    `block_size` is the workers' (the prompt's blocks are hashed here, for prefix-aware
+    placement); without it, it is asked of the router."""
 
     def __init__(self, router: Any, max_attempts: int = 3,
                  resolve: Callable[[], Any] | None = None, router_wait_s: float = 30.0,
-                 stall_check_s: float = 30.0) -> None:
-        self.router = router  # ray ActorHandle of a Router
+                 stall_check_s: float = 30.0, block_size: int | None = None) -> None:
+        self.tickets = TicketBatcher(router, resolve, router_wait_s)
         self.max_attempts = max_attempts
-        self.resolve = resolve
-        self.router_wait_s = router_wait_s
+        self.block_size = block_size
         # a stream silent this long asks the router whether its worker is stuck
         self.stall_check_s = stall_check_s
         self._channels: dict[str, _ChannelReader] = {}  # worker id -> channel
         self._live: dict[str, Ticket] = {}  # request id -> the ticket it streams from now
 
-    async def _acquire(self, *args: Any) -> Ticket | None:
-        """The router's ticket, waiting out a router restart (bounded by router_wait_s)."""
-        from ray.exceptions import ActorDiedError, RayActorError
+    @property
+    def router(self) -> Any:
+        """The router's actor handle (re-resolved after it was re-created)."""
+        return self.tickets.router
 
-        deadline, delay = time.monotonic() + self.router_wait_s, 0.05
-        while True:
-            try:
-                return await self.router.acquire.remote(*args)
-            except RayActorError as e:  # restarting (ActorUnavailableError) or dead
-                if time.monotonic() + delay > deadline:
-                    raise RouterUnavailable(f"the router did not answer for "
-                                            f"{self.router_wait_s:g}s ({type(e).__name__})"
-                                            ) from e
-                if isinstance(e, ActorDiedError) and self.resolve is not None:
-                    try:
-                        self.router = await asyncio.to_thread(self.resolve)
-                    except ValueError:  # not re-created yet
-                        pass
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+    async def _hashes(self, prompt: list[int], cache_salt: str | None) -> list[bytes]:
+        """The prompt's block hashes as the workers' prefix caches name them (a hit never
+        covers the last prompt token: its logits are needed)."""
+        block_size = self.block_size or await self.tickets.fetch_block_size()
+        return hash_blocks(prompt[:-1], block_size, cache_salt) if block_size else []
 
     def _channel(self, ticket: Ticket) -> _ChannelReader:
         channel = self._channels.get(ticket.worker_id)
@@ -177,18 +170,23 @@ class ClusterClient:
         return channel
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: dict[str, Any], n: int = 1) -> AsyncIterator[StreamChunk]:
-        """Stream one request's chunks; raises Overloaded / NoWorkers / WorkerDied / ValueError."""
+                       params: dict[str, Any], n: int = 1, priority: int = 0,
+                       tenant: str = "") -> AsyncIterator[StreamChunk]:
+        """Stream one request's chunks; raises Overloaded / NoWorkers / WorkerDied / ValueError.
+
+        `priority` (lower first) and `tenant` (fair shares) order the router's queue and
+        the worker's."""
         from ray.exceptions import RayActorError, TaskCancelledError
 
         outputs: dict[int, list[int]] = {i: [] for i in range(n)}  # tokens streamed per sample
         ended: set[int] = set()  # samples that finished
         produced = False
         failures = 0
+        avoid: str | None = None  # the worker that just handed this request over
         for attempt in itertools.count():
             if produced and n > 1:  # the samples diverged: each goes on as its own request
                 async for chunk in self._continue_samples(request_id, prompt_token_ids, params,
-                                                          outputs, ended):
+                                                          outputs, ended, priority, tenant):
                     yield chunk
                 return
             ticket_id = f"{request_id}/{attempt}"
@@ -198,8 +196,9 @@ class ClusterClient:
             channel: _ChannelReader | None = None
             finished = False
             try:
-                ticket = await self._acquire(
-                    ticket_id, len(prompt), n, prompt, params.get("cache_salt"), attempt > 0)
+                hashes = await self._hashes(prompt, params.get("cache_salt"))
+                ticket = await self.tickets.acquire(AcquireRequest(
+                    ticket_id, len(prompt), n, hashes, attempt > 0, priority, tenant, avoid))
                 if ticket is None:
                     return
                 channel = self._channel(ticket)
@@ -207,7 +206,8 @@ class ClusterClient:
                 queue = channel.queues[ticket_id] = asyncio.Queue()
                 try:
                     await ticket.worker.submit.remote(channel.id, ticket_id, prompt,
-                                                      _continued(params, len(generated)))
+                                                      _continued(params, len(generated)),
+                                                      priority)
                 except Exception as e:
                     if type(getattr(e, "cause", None)).__name__ == "EngineDeadError":
                         raise _EngineFailed(f"worker {ticket.worker_id}: engine failed") from e
@@ -230,8 +230,9 @@ class ClusterClient:
                     item.num_prompt_tokens = len(prompt_token_ids)
                     yield item
                 return
-            except HandedOver as e:  # a drained worker's deadline: not a failure
+            except HandedOver as e:  # drained, or shedding work to a joining worker
                 logger.info("%s; continuing it elsewhere", e)
+                avoid = ticket.worker_id
             except TaskCancelledError as e:  # the channel was cancelled, not the worker
                 if ticket is None:
                     raise
@@ -257,7 +258,7 @@ class ClusterClient:
                     channel.queues.pop(ticket_id, None)
                 if ticket is not None and not finished:
                     ticket.worker.abort.remote(ticket_id)
-                self.router.release.remote(ticket_id)
+                self.tickets.release(ticket_id)
 
     async def _next(self, queue: asyncio.Queue, ticket: Ticket):
         """The stream's next item. A request may rightly wait long (queued in its worker's
@@ -288,7 +289,8 @@ class ClusterClient:
 
     async def _continue_samples(self, request_id: str, prompt_token_ids: list[int],
                                 params: dict[str, Any], outputs: dict[int, list[int]],
-                                ended: set[int]) -> AsyncIterator[StreamChunk]:
+                                ended: set[int], priority: int,
+                                tenant: str) -> AsyncIterator[StreamChunk]:
         """The unfinished samples of an n > 1 request whose worker went away, each as an
         n = 1 request of prompt + its tokens so far (its seed, if any, is the one sample
         `index` had: seed + index), their chunks merged back under the samples' indices."""
@@ -299,7 +301,8 @@ class ClusterClient:
                 sub["seed"] = seed - 2 ** 64 if seed >= 2 ** 64 else seed
             sub = _continued(sub, len(outputs[index]))
             async for chunk in self.generate(f"{request_id}.s{index}",
-                                             list(prompt_token_ids) + outputs[index], sub):
+                                             list(prompt_token_ids) + outputs[index], sub,
+                                             priority=priority, tenant=tenant):
                 for d in chunk.deltas:
                     d.index = index
                 yield chunk

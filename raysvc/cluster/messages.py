@@ -93,6 +93,42 @@ class WorkerLoad:
 
 
 @dataclass(slots=True)
+class AcquireRequest:
+    """One request asking the router for a ticket (an item of `Router.exchange`).
+
+    The ingress hashes the prompt's full blocks (`block_hash.hash_blocks`, the same
+    function as the workers' prefix caches), so the router never sees token ids: a few
+    16-byte hashes per request instead of the whole prompt.
+    """
+
+    ticket_id: str
+    num_prompt_tokens: int
+    n: int = 1
+    block_hashes: list[bytes] = field(default_factory=list)
+    retry: bool = False  # a request continued after its worker died: head of the queue
+    priority: int = 0  # vLLM's: lower is served first
+    tenant: str = ""  # whose request (the OpenAI `user` field): fairness among tenants
+    avoid: str | None = None  # not this worker (it just handed the request over)
+
+
+@dataclass(slots=True)
+class ExchangeReply:
+    """The router's answer to one `exchange` call.
+
+    `results`: (ticket id, worker id) for each admitted ticket; (ticket id, None) for a
+    ticket released before its acquire arrived; (ticket id, exception) for a refused one
+    (Overloaded, NoWorkers, ShuttingDown). `handles`: the actor handle of each worker
+    this client has not been sent yet. `incarnation` changes when the router restarts:
+    the client then asks again for every ticket it still waits for (the new router never
+    saw them). `block_size`: the workers' block size (None until known)."""
+
+    incarnation: str
+    results: list[tuple[str, Any]] = field(default_factory=list)
+    handles: dict[str, Any] = field(default_factory=dict)
+    block_size: int | None = None
+
+
+@dataclass(slots=True)
 class Ticket:
     """The router's answer: run request `ticket_id` on `worker` (a Ray actor handle) now."""
 

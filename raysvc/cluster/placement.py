@@ -76,6 +76,7 @@ class WorkerEntry:
     suspect: bool = False  # a caller saw it fail; not placed on until its health is known
     recent: float = 0.0  # requests routed here, decayed with the load half-life ...
     recent_time: float = 0.0  # ... as of this time
+    shed_after: float = 0.0  # not asked to shed work again before this (monotonic)
 
     def recent_at(self, now: float, half_life_s: float) -> float:
         return self.recent * 0.5 ** ((now - self.recent_time) / half_life_s)
@@ -121,6 +122,14 @@ class WorkerEntry:
             "draining": self.draining, "state": "draining" if self.draining else "ready",
         }
 
+    def fits(self, num_prompt_tokens: int, n: int) -> bool:
+        """`has_room(*need(...))` in one call (the router asks it of every worker)."""
+        blocks = min(-(-num_prompt_tokens // self.info.block_size) + n,
+                     self.info.kv_blocks_total)
+        return (not self.draining and not self.suspect
+                and self.used_seqs + min(n, self.max_seqs) <= self.max_seqs
+                and self.used_blocks + blocks <= self.info.kv_blocks_total)
+
     def has_room(self, blocks: int, seqs: int) -> bool:
         return (not self.draining and not self.suspect and self.used_seqs + seqs <= self.max_seqs
                 and self.used_blocks + blocks <= self.info.kv_blocks_total)
@@ -140,14 +149,15 @@ class Placer:
         self._oracle: dict[bytes, str] = {}  # first block hash -> worker id
 
     def choose(self, all_workers: list[WorkerEntry], fits: list[WorkerEntry],
-               hashes: list[bytes]) -> tuple[WorkerEntry | None, int]:
+               hashes: list[bytes], now: float | None = None) -> tuple[WorkerEntry | None, int]:
         """The chosen worker (None: none fits) and its matched prefix blocks."""
         policy = self.config.policy
+        now = time.monotonic() if now is None else now
         if policy == "oracle" and hashes:
             ids = sorted(w.worker_id for w in all_workers)
             owner = self._oracle.setdefault(hashes[0], ids[len(self._oracle) % len(ids)])
             pick = next((w for w in fits if w.worker_id == owner), None)
-            return pick, (pick.index.match(hashes) if pick else 0)
+            return pick, (pick.index.match(hashes, now) if pick else 0)
         if not fits:
             return None, 0
         if policy == "round_robin":
@@ -156,47 +166,55 @@ class Placer:
             start = ids[self._rr % len(ids)] if ids else ""
             pick = next((w for w in ordered if w.worker_id >= start), ordered[0])
             self._rr = ids.index(pick.worker_id) + 1 if pick.worker_id in ids else self._rr + 1
-            return pick, pick.index.match(hashes)
+            return pick, pick.index.match(hashes, now)
         if policy == "least_loaded" or not hashes:
             pick = min(fits, key=_least_loaded_key)
-            matched = pick.index.match(hashes)
+            matched = pick.index.match(hashes, now)
         else:
-            pick, matched = self._by_prefix(all_workers, fits, hashes)
+            pick, matched = self._by_prefix(all_workers, fits, hashes, now)
         if pick is not None:
-            self._routed(pick)
+            self._routed(pick, now)
         return pick, matched
 
     def _by_prefix(self, all_workers: list[WorkerEntry], fits: list[WorkerEntry],
-                   hashes: list[bytes]) -> tuple[WorkerEntry | None, int]:
-        cfg, now = self.config, time.monotonic()
-        loads = {w.worker_id: w.used_seqs + w.recent_at(now, cfg.load_half_life_s)
-                 for w in all_workers}
+                   hashes: list[bytes], now: float) -> tuple[WorkerEntry | None, int]:
+        # One pass over the workers, no helper calls: this runs once per admission, for
+        # every worker (the router's cost per request grows with the fleet).
+        cfg = self.config
+        half_life = cfg.load_half_life_s
+        fitting = {id(w) for w in fits}
         # a full worker still competes: waiting for the one holding the prefix beats a
         # miss elsewhere (once it runs hot, the balance rule below sends the request on)
-        pool = ([w for w in all_workers if not (w.draining or w.suspect)]
-                if cfg.wait_for_prefix else fits)
-        if not pool:
+        anyone = cfg.wait_for_prefix
+        loads: dict[int, float] = {}
+        lo = float("inf")
+        best, best_key, matched = None, None, 0
+        for w in all_workers:
+            load = w.used_seqs
+            if w.recent:
+                load += w.recent * 0.5 ** ((now - w.recent_time) / half_life)
+            loads[id(w)] = load
+            lo = min(lo, load)
+            if (w.draining or w.suspect) if anyone else id(w) not in fitting:
+                continue
+            m = w.index.match(hashes, now)
+            score = (cfg.prefix_weight * m - cfg.load_weight * w.used_blocks) * w.block_size
+            key = (-score, load, w.requests_routed, w.worker_id)
+            if best_key is None or key < best_key:
+                best, best_key, matched = w, key, m
+        if best is None:
             return None, 0
-        scored = [(w, w.index.match(hashes)) for w in pool]
-
-        def key(item: tuple[WorkerEntry, int]) -> tuple:
-            w, matched = item
-            score = (cfg.prefix_weight * matched - cfg.load_weight * w.used_blocks) * w.block_size
-            return (-score, loads[w.worker_id], w.requests_routed, w.worker_id)
-
-        best, matched = min(scored, key=key)
-        lo, hi = min(loads.values()), loads[best.worker_id]
+        hi = loads[id(best)]
         if matched == 0 or (hi - lo > cfg.balance_abs and hi > cfg.balance_rel * lo):
             # cold prefix, or its worker runs hot: the least loaded (recently) takes it
             if not fits:
                 return None, 0
-            best = min(fits, key=lambda w: (loads[w.worker_id], w.worker_id))
-            matched = best.index.match(hashes)
-        elif best not in fits:
+            best = min(fits, key=lambda w: (loads[id(w)], w.worker_id))
+            matched = best.index.match(hashes, now)
+        elif id(best) not in fitting:
             return None, 0  # the head of the queue waits for its prefix's worker
         return best, matched
 
-    def _routed(self, w: WorkerEntry) -> None:
-        now = time.monotonic()
+    def _routed(self, w: WorkerEntry, now: float) -> None:
         w.recent = w.recent_at(now, self.config.load_half_life_s) + 1.0
         w.recent_time = now

@@ -24,7 +24,9 @@ it asks the policy (`autoscaler.py`) for a target and moves the pool toward it:
 - A member that died is replaced: Ray restarts it (`max_restarts`) and it re-joins, or,
   if it is gone for good, the pool starts another.
 
-`launch` and `kill` are injected so the pool's logic runs in tests without Ray.
+`launch` and `kill` are injected so the pool's logic runs in tests without Ray. The pool
+sees the router only through `PoolHost`, the protocol below: the pool decides how many
+workers and which; the router owns membership, the ledger and the queue.
 """
 
 from __future__ import annotations
@@ -35,17 +37,45 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from raysvc.cluster.autoscaler import AutoscalingConfig, Decision, ScalingPolicy
 
 if TYPE_CHECKING:
-    from raysvc.cluster.router import Router
+    from raysvc.cluster.autoscaler import PoolSignals
+    from raysvc.cluster.messages import WorkerInfo
+    from raysvc.cluster.metrics import ClusterMetrics
+    from raysvc.cluster.placement import WorkerEntry
 
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
 NODE_POLL_S = 5.0
+
+
+class PoolHost(Protocol):
+    """What the pool asks of the router (the `Router` implements it)."""
+
+    metrics: ClusterMetrics
+
+    def pool_signals(self, now: float, current: int) -> PoolSignals:
+        """Demand and load as the ledger and queue show them, for the scaling policy."""
+
+    def entry(self, worker_id: str) -> WorkerEntry | None:
+        """The router's entry of a member worker (None: not a member now)."""
+
+    async def add_worker(self, worker_id: str, handle: Any) -> WorkerInfo:
+        """Take a started worker in once its engine is healthy (raises if it is not)."""
+
+    def remove_worker(self, worker_id: str) -> bool:
+        """Forget a worker at once (it died, or its start is abandoned)."""
+
+    async def remove_after_drain(self, worker_id: str, timeout_s: float) -> bool:
+        """Stop placing on a worker, let its requests finish (hand over the rest at
+        `timeout_s`), then remove it."""
+
+    def pool_changed(self) -> None:
+        """A member failed to start: queued requests may have nobody left to wait for."""
 
 
 @dataclass(slots=True)
@@ -66,7 +96,7 @@ class Member:
 
 
 class WorkerPool:
-    def __init__(self, router: Router, launch: Callable[[str], Any],
+    def __init__(self, router: PoolHost, launch: Callable[[str], Any],
                  kill: Callable[[Any], None], min_workers: int, max_workers: int,
                  config: AutoscalingConfig | dict | None = None, seats_per_worker: int = 256,
                  draining_nodes: Callable[[], dict[str, float]] | None = None) -> None:

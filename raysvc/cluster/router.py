@@ -36,14 +36,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from raysvc.block_hash import hash_blocks
 from raysvc.cluster.actors import was_restarted
 from raysvc.cluster.ledger import AdmissionLedger
 from raysvc.cluster.messages import (
+    AcquireRequest,
+    ExchangeReply,
     NoWorkers,
     Overloaded,
     ShuttingDown,
@@ -54,6 +57,7 @@ from raysvc.cluster.messages import (
 from raysvc.cluster.metrics import ClusterMetrics
 from raysvc.cluster.placement import PlacementConfig, Placer, WorkerEntry
 from raysvc.cluster.prefix_index import PrefixIndex
+from raysvc.cluster.wait_queue import Waiting, WaitQueue
 
 if TYPE_CHECKING:
     from raysvc.cluster.autoscaler import PoolSignals
@@ -63,14 +67,28 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class _Waiting:
-    ticket_id: str
-    num_prompt_tokens: int
-    n: int
-    future: asyncio.Future
-    hashes: list[bytes]
-    since: float = 0.0  # monotonic time it was queued
+BOX_IDLE_S = 120.0  # a client that has not called `exchange` this long is gone
+
+
+@dataclass(slots=True, eq=False)
+class _Box:
+    """One client's (ingress process's) answers not yet collected, and which worker
+    handles it has been sent."""
+
+    results: list[tuple[str, Any]] = field(default_factory=list)
+    news: asyncio.Event = field(default_factory=asyncio.Event)
+    handles_sent: dict[str, Any] = field(default_factory=dict)  # worker id -> handle sent
+    handles: dict[str, Any] = field(default_factory=dict)  # to send with the next reply
+    seen: float = 0.0
+
+    def put(self, ticket_id: str, result: Any) -> None:
+        if isinstance(result, WorkerEntry):
+            if self.handles_sent.get(result.worker_id) is not result.handle:
+                self.handles_sent[result.worker_id] = result.handle
+                self.handles[result.worker_id] = result.handle
+            result = result.worker_id
+        self.results.append((ticket_id, result))
+        self.news.set()
 
 
 class Router:
@@ -86,7 +104,10 @@ class Router:
         self.max_seqs_per_worker = max_seqs_per_worker
         self.health_interval_s = health_interval_s
         self.report_timeout_s = report_timeout_s
-        self._queue: deque[_Waiting] = deque()
+        self._queue = WaitQueue()
+        self._queue_reported = -1  # the queue length the metrics last saw
+        self.incarnation = uuid.uuid4().hex  # a restarted router is another incarnation
+        self._boxes: dict[str, _Box] = {}  # client id -> its uncollected answers
         self._workers: dict[str, WorkerEntry] = {}
         self._feeds: dict[str, asyncio.Task] = {}  # worker id -> its KV event long-poll
         if not isinstance(placement, PlacementConfig):
@@ -100,6 +121,7 @@ class Router:
         self.metrics = ClusterMetrics()
         self.pool: WorkerPool | None = None
         self.handed_over = 0  # requests drained workers handed to others at their deadline
+        self.rebalanced = 0  # requests not yet started moved from a busy worker to an idle one
         self._pool_args = (worker_spec, min_workers, max_workers or min_workers, autoscaling)
         if worker_spec is not None:  # refuse bad knobs at construction, not at start
             from raysvc.cluster.autoscaler import AutoscalingConfig, ScalingPolicy
@@ -192,7 +214,7 @@ class Router:
             return False
         self._closing = True
         deadline = time.monotonic() + drain_s
-        while (len(self.ledger) or self._queue) and time.monotonic() < deadline:
+        while (len(self.ledger) or len(self._queue)) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         if self.pool is not None:
             self.pool.stop(kill=True)
@@ -234,10 +256,8 @@ class Router:
     async def retire(self) -> None:
         """Stop everything and end this (detached, restartable) actor for good."""
         await self.shutdown()
-        while self._queue:
-            waiting = self._queue.popleft()
-            if not waiting.future.done():
-                waiting.future.set_exception(NoWorkers("the application was stopped"))
+        for waiting in self._queue.clear():
+            waiting.deliver(NoWorkers("the application was stopped"))
         import ray
 
         ray.actor.exit_actor()
@@ -264,7 +284,7 @@ class Router:
             seats_per_worker=min((w.max_seqs for w in workers), default=default_seats),
             blocks_per_worker=min((w.kv_blocks_total for w in workers), default=0),
             current=current,
-            oldest_wait_s=now - self._queue[0].since if self._queue else 0.0)
+            oldest_wait_s=now - (self._queue.oldest_since() or now))
 
     def pool_changed(self) -> None:
         """A pool member failed to start: queued requests may have nobody left to wait for."""
@@ -302,6 +322,7 @@ class Router:
         if self._monitor is None or self._monitor.done():
             self._monitor = asyncio.create_task(self._watch())
         self._dispatch()
+        self._rebalance()  # a joining worker takes its share of the backlog at once
         return info
 
     def remove_worker(self, worker_id: str) -> bool:
@@ -334,10 +355,8 @@ class Router:
     def _fail_queue_if_hopeless(self) -> None:
         if not self._hopeless():
             return
-        while self._queue:
-            waiting = self._queue.popleft()
-            if not waiting.future.done():
-                waiting.future.set_exception(self._no_workers())
+        for waiting in self._queue.clear():
+            waiting.deliver(self._no_workers())
 
     def _no_workers(self) -> NoWorkers:
         why = "no live worker is left"
@@ -363,87 +382,187 @@ class Router:
 
     # -- admission ---------------------------------------------------------------------
 
+    async def exchange(self, client_id: str, acquires: list[AcquireRequest],
+                       releases: list[str], wait_s: float = 0.0) -> ExchangeReply:
+        """One ingress process's batch: release `releases`, ask tickets for `acquires`, and
+        answer with every result this client has not collected yet — at once, or, when
+        there is none and `wait_s` > 0, as soon as one comes (a long poll for queued
+        requests; at most `wait_s`)."""
+        box = self._boxes.get(client_id)
+        if box is None:
+            box = self._boxes[client_id] = _Box()
+        box.seen = time.monotonic()
+        for ticket_id in releases:
+            self._release(ticket_id)
+        for req in acquires:
+            self._offer(req, lambda result, t=req.ticket_id: box.put(t, result), dispatch=False)
+        self._dispatch()  # once for the whole batch
+        deadline = time.monotonic() + wait_s
+        while not box.results and (left := deadline - time.monotonic()) > 0:
+            box.news.clear()  # (a concurrent exchange of this client may take the news)
+            try:
+                await asyncio.wait_for(box.news.wait(), left)
+            except TimeoutError:
+                pass
+        box.seen = time.monotonic()
+        return self._collect(box)
+
+    def _collect(self, box: _Box) -> ExchangeReply:
+        reply = ExchangeReply(self.incarnation, box.results, box.handles, self.block_size())
+        box.results, box.handles = [], {}
+        box.news.clear()
+        return reply
+
+    def block_size(self) -> int | None:
+        """The workers' block size (what the ingress hashes prompts with); None until
+        known (no worker yet and no worker spec)."""
+        if self._workers:
+            return next(iter(self._workers.values())).block_size
+        return self._spec_block_size()
+
     async def acquire(self, ticket_id: str, num_prompt_tokens: int, n: int = 1,
-                      prompt_token_ids: list[int] | None = None,
-                      cache_salt: str | None = None, retry: bool = False) -> Ticket | None:
-        """Wait until a worker has room for the request; raise Overloaded if the queue is full.
+                      block_hashes: list[bytes] | None = None, retry: bool = False,
+                      priority: int = 0, tenant: str = "",
+                      avoid: str | None = None) -> Ticket | None:
+        """One request's ticket, awaited (the in-process form of `exchange`): wait until a
+        worker has room; raise Overloaded if the queue is full.
 
-        With `prompt_token_ids` (and the request's `cache_salt`), placement is prefix-aware.
-        A `retry` (a request whose worker died) goes to the head of the queue.
+        With `block_hashes` (the prompt's, from `block_hash.hash_blocks`), placement is
+        prefix-aware. A `retry` (a request whose worker died) goes to the head of the
+        queue; `avoid` names a worker not to place it on. None if the ticket was released
+        before this call arrived (its caller is gone)."""
+        future = asyncio.get_running_loop().create_future()
 
-        None if the ticket was released before this call arrived (its caller is gone).
-        """
+        def deliver(result: Any) -> None:
+            if future.done():
+                return
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(None if result is None else
+                                  Ticket(ticket_id, result.worker_id, result.handle))
+
+        self._offer(AcquireRequest(ticket_id, num_prompt_tokens, n, list(block_hashes or []),
+                                   retry, priority, tenant, avoid), deliver)
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller went away: leave no trace
+            self.release(ticket_id)
+            raise
+
+    def _offer(self, req: AcquireRequest, deliver: Callable[[Any], None],
+               dispatch: bool = True) -> None:
+        """Queue `req` (and admit what fits, unless the caller dispatches once for a whole
+        batch); `deliver` gets its answer (the worker's entry, None if it was released
+        already, or the exception refusing it), now or later."""
+        ticket_id = req.ticket_id
         if self._released.pop(ticket_id, "absent") is None:
-            return None
+            return deliver(None)
         owner = self.ledger.owner(ticket_id)
         if owner is not None:  # asked again (the answer to the first ask was lost)
-            return Ticket(ticket_id, owner.worker_id, owner.handle)
-        queued = next((w for w in self._queue if w.ticket_id == ticket_id), None)
+            return deliver(owner)
+        queued = self._queue.get(ticket_id)
         if queued is not None:  # asked again while the first ask still waits
-            return await asyncio.shield(queued.future)
-        if self._closing and not retry:
-            raise ShuttingDown("the service is shutting down; retry on another replica")
+            first = queued.deliver
+            queued.deliver = lambda result: (first(result), deliver(result))
+            return None
+        if self._closing and not req.retry:
+            return deliver(ShuttingDown("the service is shutting down; retry on another "
+                                        "replica"))
         if not self._started.is_set():  # rebuilding after a restart: queue like any other
             # request (bounded by max_queue_len); the first worker to re-join admits it,
             # without waiting for every adopted worker to be ready
             self._ensure_rebuilding()
         if self._hopeless():
-            raise self._no_workers()
-        if len(self._queue) >= self.max_queue_len and not retry:
-            raise Overloaded(f"server overloaded: {len(self._queue)} requests are waiting")
-        hashes: list[bytes] = []
-        block_size = (next(iter(self._workers.values())).block_size if self._workers
-                      else self._spec_block_size())
-        if prompt_token_ids and block_size:
-            # a hit never covers the last prompt token: its logits are needed
-            hashes = hash_blocks(prompt_token_ids[:-1], block_size, cache_salt)
-        waiting = _Waiting(ticket_id, num_prompt_tokens, n,
-                           asyncio.get_running_loop().create_future(), hashes, time.monotonic())
-        if retry:
-            self._queue.appendleft(waiting)
-        else:
-            self._queue.append(waiting)
-        self._dispatch()
-        try:
-            return await waiting.future
-        except asyncio.CancelledError:  # the caller went away: leave no trace
-            self.release(ticket_id)
-            raise
+            return deliver(self._no_workers())
+        if len(self._queue) >= self.max_queue_len and not req.retry:
+            return deliver(Overloaded(f"server overloaded: {len(self._queue)} requests are "
+                                      f"waiting"))
+        self._queue.push(Waiting(ticket_id, req.num_prompt_tokens, req.n, req.block_hashes,
+                                 deliver, time.monotonic(), req.priority, req.tenant,
+                                 req.avoid), retry=req.retry)
+        if dispatch:
+            self._dispatch()
+        return None
 
     def release(self, ticket_id: str) -> None:
         """The request is over (finished, aborted, failed): free its room, admit the next."""
-        if self.ledger.release(ticket_id) is not None:
+        if self._release(ticket_id):
             self._dispatch()
-            return
-        for waiting in self._queue:
-            if waiting.ticket_id == ticket_id:
-                self._queue.remove(waiting)
-                if not waiting.future.done():
-                    waiting.future.cancel()
-                return
+
+    def _release(self, ticket_id: str) -> bool:
+        """`release` without admitting the next; True if room was freed."""
+        if self.ledger.release(ticket_id) is not None:
+            return True
+        waiting = self._queue.remove(ticket_id)
+        if waiting is not None:
+            waiting.deliver(None)
+            return False
         self._released[ticket_id] = None  # acquire has not arrived yet
         while len(self._released) > 4096:
             self._released.popitem(last=False)
+        return False
 
     def _dispatch(self) -> None:
-        """Admit queued requests in FCFS order while the head of the queue fits somewhere."""
-        while self._queue:
-            head = self._queue[0]
-            if head.future.done():
-                self._queue.popleft()
-                continue
-            workers = list(self._workers.values())
-            fits = [w for w in workers if w.has_room(*w.need(head.num_prompt_tokens, head.n))]
-            worker, _ = self._placer.choose(workers, fits, head.hashes)
+        """Admit queued requests in queue order (`WaitQueue`) while the head fits somewhere."""
+        now = time.monotonic()
+        everyone = list(self._workers.values())
+        while (head := self._queue.head()) is not None:
+            workers = everyone
+            if head.avoid is not None and any(w.worker_id != head.avoid and not w.draining
+                                              for w in workers):
+                workers = [w for w in workers if w.worker_id != head.avoid]
+            fits = [w for w in workers if w.fits(head.num_prompt_tokens, head.n)]
+            worker, _ = self._placer.choose(workers, fits, head.hashes, now)
             if worker is None:
                 break
-            worker.index.place(head.hashes)
-            self._queue.popleft()
-            self.ledger.admit(worker, head.ticket_id, head.num_prompt_tokens, head.n,
-                              time.monotonic())
+            worker.index.place(head.hashes, now)
+            self._queue.pop_head()
+            self.ledger.admit(worker, head.ticket_id, head.num_prompt_tokens, head.n, now)
             worker.requests_routed += 1
-            head.future.set_result(Ticket(head.ticket_id, worker.info.worker_id, worker.handle))
-        self.metrics.queue(len(self._queue))
+            head.deliver(worker)
+        if len(self._queue) != self._queue_reported:
+            self._queue_reported = len(self._queue)
+            self.metrics.queue(self._queue_reported)
+
+    def _rebalance(self) -> None:
+        """Move requests admitted to a worker but not started there (waiting in its engine)
+        to workers with idle room: after a scale-up the new worker takes its share of the
+        burst's backlog at once instead of the first worker working through it alone.
+
+        The busy worker hands them over (`LLMWorker.shed`, the drain's hand-over for
+        requests without output), and their clients place them again at the head of the
+        queue, avoiding that worker. Each worker keeps its fair share of the backlog; the
+        counts come from load reports, so one worker sheds at most once per two reports.
+        Nothing moves while requests queue here: they take any room first."""
+        if len(self._queue):
+            return
+        active = [w for w in self._workers.values() if not (w.draining or w.suspect)]
+        backlog = sum(w.load.waiting for w in active)
+        if len(active) < 2 or not backlog:
+            return
+        share = -(-backlog // len(active))
+        room = sum(max(w.max_seqs - w.used_seqs, 0) for w in active if not w.load.waiting)
+        now = time.monotonic()
+        for w in sorted(active, key=lambda w: -w.load.waiting):
+            extra = min(w.load.waiting - share, room)
+            if extra <= 0 or now < w.shed_after:
+                continue
+            room -= extra
+            w.shed_after = now + 2 * self.health_interval_s
+            asyncio.create_task(self._shed(w, extra))
+
+    async def _shed(self, worker: WorkerEntry, count: int) -> None:
+        try:
+            moved = await asyncio.wait_for(worker.handle.shed.remote(count),
+                                           self.report_timeout_s)
+        except Exception as e:  # busy or gone: its backlog stays where it is
+            logger.debug("router: shedding %d from %s failed: %r", count, worker.worker_id, e)
+            return
+        if moved:
+            self.rebalanced += moved
+            logger.info("router: moved %d request(s) not yet started off %s", moved,
+                        worker.worker_id)
 
     async def drain_worker(self, worker_id: str, timeout_s: float = 600.0) -> bool:
         """Stop placing requests on `worker_id`, wait until its admitted ones are released,
@@ -511,6 +630,10 @@ class Router:
     async def _watch(self) -> None:
         while self._workers:
             await self.refresh()
+            self._rebalance()
+            now = time.monotonic()
+            for client_id in [c for c, b in self._boxes.items() if now - b.seen > BOX_IDLE_S]:
+                del self._boxes[client_id]  # its process is gone
             if self.orphan_timeout_s and (time.monotonic() - self._keepalive
                                           > self.orphan_timeout_s):
                 logger.warning("router: no keepalive from the application for %.0fs; its "
@@ -563,6 +686,7 @@ class Router:
             "placement": self.placement.policy,
             "target_workers": n, "min_workers": n, "max_workers": n,
             "requests_handed_over": self.handed_over,
+            "requests_rebalanced": self.rebalanced,
         }
         if self.pool is not None:
             out.update(self.pool.stats())

@@ -173,8 +173,9 @@ class LLMWorker:
                 self._shape.pop(request_id, None)
 
     async def submit(self, channel_id: str, request_id: str, prompt_token_ids: list[int],
-                     params: dict[str, Any]) -> None:
-        """Start a request whose outputs go to `channel_id`; ValueError for bad params."""
+                     params: dict[str, Any], priority: int = 0) -> None:
+        """Start a request whose outputs go to `channel_id`; ValueError for bad params.
+        `priority` orders the engine's waiting queue (lower first)."""
         from raysvc.engine.sampling_params import SamplingParams
 
         ch = self._channels.setdefault(channel_id, _ChannelState())
@@ -183,7 +184,8 @@ class LLMWorker:
         self._shape[request_id] = (len(prompt_token_ids), int(params.get("n", 1)))
         try:
             stream = await self.engine.add_request(
-                request_id, prompt_token_ids, SamplingParams(**params, output_kind="delta"))
+                request_id, prompt_token_ids, SamplingParams(**params, output_kind="delta"),
+                priority)
         except BaseException:
             self._tokens.pop(request_id, None)
             self._shape.pop(request_id, None)
@@ -199,13 +201,17 @@ class LLMWorker:
         blocks are freed now, the request's other samples go on."""
         await self.engine.finish_sample(request_id, index)
 
-    async def hand_over(self) -> int:
-        """End every request here with a hand-over mark (this worker is being drained past
-        its deadline): each stream gets what it has so far, then the mark, and its client
-        continues it on another worker with prompt + tokens so far. Returns how many."""
+    async def hand_over(self, request_ids: list[str] | None = None) -> int:
+        """End every request here (or those of `request_ids`) with a hand-over mark (this
+        worker is being drained past its deadline, or sheds work to a joining worker):
+        each stream gets what it has so far, then the mark, and its client continues it
+        on another worker with prompt + tokens so far. Returns how many."""
+        only = None if request_ids is None else set(request_ids)
         count = 0
         for ch in self._channels.values():
             for request_id, task in list(ch.pumps.items()):
+                if only is not None and request_id not in only:
+                    continue
                 held = ch.latest.get(request_id)
                 if request_id in ch.failed or task.done() or (held and held.finished):
                     continue  # finished already: its last chunk goes out as usual
@@ -214,6 +220,13 @@ class LLMWorker:
                 count += 1
             ch.moved.set()
         return count
+
+    async def shed(self, max_requests: int) -> int:
+        """Hand over up to `max_requests` requests that have not started (waiting in the
+        engine, nothing computed): the router moves a busy worker's backlog to one with
+        room, such as a worker that just joined. Returns how many were handed over."""
+        request_ids = await self.engine.not_started(max_requests)
+        return await self.hand_over(request_ids) if request_ids else 0
 
     async def _pump(self, ch: _ChannelState, request_id: str, stream) -> None:
         from raysvc.engine.async_engine import EngineDeadError, RequestFailedError

@@ -55,6 +55,7 @@ class AsyncEngine:
         request_id: str | None,
         prompt: str | list[int],
         params: SamplingParams | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Enqueue a request; returns the async iterator of its outputs.
 
@@ -72,7 +73,7 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         try:
-            await self._call(self.engine.add_request, request_id, prompt, params)
+            await self._call(self.engine.add_request, request_id, prompt, params, priority)
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -141,6 +142,10 @@ class AsyncEngine:
         not stall on a long step). The engine thread may be mid-step: each value is a
         plain read, so a snapshot can straddle a step boundary, never a torn value."""
         return self.engine.stats()
+
+    async def not_started(self, limit: int) -> list[str]:
+        """`LLMEngine.not_started`, read on the engine thread (between steps)."""
+        return await self._call(self.engine.not_started, limit)
 
     async def cached_block_hashes(self) -> set[bytes]:
         """The prefix cache's block hashes, read on the engine thread (between steps)."""

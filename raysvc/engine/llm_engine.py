@@ -114,8 +114,14 @@ class LLMEngine:
         request_id: str,
         prompt: str | list[int],
         params: SamplingParams | None = None,
+        priority: int = 0,
     ) -> None:
-        """Validate and enqueue; a bad request raises ValueError and leaves no trace."""
+        """Validate and enqueue; a bad request raises ValueError and leaves no trace.
+
+        `priority` (vLLM's: lower first) orders the waiting queue and picks preemption
+        victims; equal priorities keep arrival order."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority: expected an integer, got {priority!r}")
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params)}")
@@ -130,7 +136,7 @@ class LLMEngine:
         self._check_logits_params(params)
         grammar = self._compile(params)
         text = prompt if isinstance(prompt, str) else None
-        request = Request(request_id, text, token_ids, params, self.eos_token_ids)
+        request = Request(request_id, text, token_ids, params, self.eos_token_ids, priority)
         if params.bad_words:
             request.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         if grammar is not None:
@@ -252,6 +258,20 @@ class LLMEngine:
 
     def cached_block_hashes(self) -> set[bytes]:
         return set(self.block_manager.cached)
+
+    def not_started(self, limit: int) -> list[str]:
+        """Up to `limit` waiting requests that have computed and produced nothing yet,
+        the newest first (they would wait longest): what a worker can give away to another
+        for free (rebalancing)."""
+        out: list[str] = []
+        for seq in reversed(self.scheduler.waiting):
+            request = seq.request
+            if len(out) >= limit:
+                break
+            if (seq.num_computed_tokens == 0 and len(request.seqs) == 1
+                    and seq.num_tokens == len(request.prompt_token_ids)):
+                out.append(request.request_id)
+        return out
 
     def step(self) -> list[RequestOutput]:
         try:

@@ -16,10 +16,12 @@ A new (or preempted) sequence first takes the longest prefix of full blocks alre
 the pool (prefix caching), so only the rest is computed.
 
 Running sequences are served first, oldest first. When the pool has no block left for
-one, the newest running sequence is preempted (its blocks freed, recomputed later)
-until the older one fits. Waiting sequences are admitted in FCFS order, only while
-their blocks are available and only in a step without preemption; a preempted sequence
-goes back to the head of the queue, so nobody starves.
+one, the newest running sequence of the lowest priority (the highest `priority` value,
+vLLM's convention) is preempted (its blocks freed, recomputed later) until the older one
+fits. Waiting sequences are admitted in priority order, FCFS within a priority, only
+while their blocks are available and only in a step without preemption; a preempted
+sequence goes back to the head of the queue, so nobody starves. With every priority
+equal (the default) this is plain FCFS.
 """
 
 from __future__ import annotations
@@ -66,7 +68,20 @@ class Scheduler:
         self.prefix_cache_hits = 0  # of those, tokens found
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue a new sequence behind every waiting one of the same or a better priority."""
+        priority = seq.request.priority
+        if not self.waiting or self.waiting[-1].request.priority <= priority:
+            self.waiting.append(seq)  # the common case: O(1)
+            return
+        at = next(i for i, w in enumerate(self.waiting) if w.request.priority > priority)
+        self.waiting.insert(at, seq)
+
+    def _victim(self, first: int) -> Sequence:
+        """The running sequence to preempt, among those not yet scheduled this step (from
+        index `first` on): the newest of the lowest priority."""
+        worst = max(range(first, len(self.running)),
+                    key=lambda i: (self.running[i].request.priority, i))
+        return self.running.pop(worst)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -90,7 +105,7 @@ class Scheduler:
             while copies is None:
                 copies = self.block_manager.allocate_slots(seq, n)
                 if copies is None:
-                    victim = self.running.pop()
+                    victim = self._victim(i)
                     self._preempt(victim)
                     preempted = True
                     if victim is seq:

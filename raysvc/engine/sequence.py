@@ -33,8 +33,10 @@ class Request:
         prompt_token_ids: list[int],
         params: SamplingParams,
         eos_token_ids: tuple[int, ...],
+        priority: int = 0,
     ) -> None:
         self.request_id = request_id
+        self.priority = priority  # vLLM's: lower is scheduled first
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params

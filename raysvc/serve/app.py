@@ -102,6 +102,7 @@ class RaysvcCluster:
             "model_path": next(iter(infos.values())).model,
             "max_model_len": min(i.max_model_len for i in infos.values()),
             "vocab_size": min(i.vocab_size for i in infos.values()),
+            "block_size": next(iter(infos.values())).block_size,  # the ingress hashes with it
         }
 
     async def describe(self) -> dict[str, Any]:
@@ -210,7 +211,8 @@ class OpenAIIngress:
         from raysvc.cluster.client import ClusterClient
 
         router_name = facts["router_name"]
-        client = ClusterClient(facts["router"], resolve=lambda: actor(router_name))
+        client = ClusterClient(facts["router"], resolve=lambda: actor(router_name),
+                               block_size=facts.get("block_size"))
         self.server = OpenAIHandler(tokenizer, model, client, api_key=a.resolved_api_key(),
                                     max_body_bytes=a.max_body_bytes)
 

@@ -48,6 +48,7 @@ class Generation:
         self.timing = Timing()
         self.prompt_logprobs: list[list | None] = [None] * len(prompts)
         self.score_only = False  # max_tokens 0: the one generated token is not reported
+        self.priority, self.tenant = 0, ""  # scheduling: see ClusterClient.generate
 
     @property
     def choices(self) -> list[SampleText]:
@@ -79,7 +80,8 @@ class Generation:
         samples = self.samples[i]
         n = len(samples)
         request_id = f"{self.request_id}-{i}"
-        stream = self.client.generate(request_id, self.prompts[i], self.engine_params, n)
+        stream = self.client.generate(request_id, self.prompts[i], self.engine_params, n,
+                                      priority=self.priority, tenant=self.tenant)
         try:
             async for chunk in stream:
                 if chunk.prompt_logprobs is not None and self.prompt_logprobs[i] is None:

@@ -113,6 +113,7 @@ class OpenAIHandler:
         gen = Generation(self.client, engine_id, plan.prompts, plan.engine_params,
                          plan.samples)
         gen.score_only = plan.score_only
+        gen.priority, gen.tenant = plan.priority, plan.tenant
         options = req.stream_options
         s = Started(request_id, chat, req.stream, bool(options and options.include_usage), gen,
                     plan, build.LogprobCursor(self.tokenizer, top_n),

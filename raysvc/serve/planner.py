@@ -59,6 +59,8 @@ class Plan:
     score_only: bool = False  # max_tokens 0: the prompt's logprobs, no completion
     echo_logprobs: bool = False  # echo + logprobs: the prompt's tokens lead the logprobs
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field, as asked
+    priority: int = 0  # lower first, in the router's queue and the engine's
+    tenant: str = ""  # the `user` field: fair shares among tenants under overload
 
 
 def check_model(requested: str | None, facts: ModelFacts) -> None:
@@ -227,7 +229,7 @@ def plan(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]
     texts = [tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens)
              for ids in prompts] if getattr(req, "echo", False) else [""] * len(prompts)
     return Plan(prompts, texts, params, samples, score_only, echo_logprobs,
-                req.prompt_logprobs)
+                req.prompt_logprobs, req.priority, req.user or "")
 
 
 def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:

@@ -28,7 +28,8 @@ SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # vLLM's bounds (a torch generator's see
 # OpenAI request fields that change nothing raysvc does: accepted, logged, dropped.
 IGNORED_FIELDS = ("metadata", "store", "service_tier", "reasoning_effort", "functions",
                   "function_call", "prediction", "modalities", "audio", "web_search_options",
-                  "verbosity", "prompt_cache_key", "safety_identifier", "user")
+                  "verbosity", "prompt_cache_key", "safety_identifier")
+PRIORITY_RANGE = (-(2 ** 31), 2 ** 31 - 1)
 
 
 class _Request(BaseModel):
@@ -82,6 +83,10 @@ class _SamplingFields(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # scheduling: vLLM's `priority` (lower first; the router's queue and each engine's),
+    # OpenAI's `user` (the tenant: requests of different users share the cluster fairly)
+    priority: int = Field(0, ge=PRIORITY_RANGE[0], le=PRIORITY_RANGE[1])
+    user: str | None = Field(None, max_length=256)
 
     @model_validator(mode="after")
     def _supported(self):
