@@ -153,3 +153,18 @@ def fake_exchange(acquire, release, block_size: int = 16):
         return reply
 
     return exchange
+
+
+def fake_submit_many(submit):
+    """`LLMWorker.submit_many` for an in-process fake worker, from its `submit`."""
+    async def submit_many(channel_id, batch):
+        out = []
+        for item in batch:
+            try:
+                await submit(channel_id, *item)
+                out.append(None)
+            except Exception as e:
+                out.append(e)
+        return out
+
+    return submit_many

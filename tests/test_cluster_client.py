@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import fake_exchange, queue_channel
+from conftest import fake_exchange, fake_submit_many, queue_channel
 from ray.exceptions import ActorDiedError
 
 from raysvc.cluster.client import ClusterClient
@@ -31,6 +31,7 @@ class Worker:
         self.submitted: list[tuple[str, list[int], dict]] = []
         self.queues: dict[str, asyncio.Queue] = {}
         self.submit, self.abort = _M(self._submit), _M(self._abort)
+        self.submit_many = _M(fake_submit_many(self._submit))
         self.open_channel = self
 
     def remote(self, channel_id):

@@ -14,7 +14,7 @@ import time
 
 import aiohttp
 import pytest
-from conftest import fake_exchange, queue_channel
+from conftest import fake_exchange, fake_submit_many, queue_channel
 from ray.exceptions import ActorDiedError
 
 from raysvc.cluster.messages import NoWorkers, Overloaded, SeqDelta, StreamChunk, Ticket
@@ -37,6 +37,7 @@ class FakeWorker:
         self.aborted: list[str] = []
         self.channels: dict[str, asyncio.Queue] = {}
         self.submit = _M(self._submit)
+        self.submit_many = _M(fake_submit_many(self._submit))
         self.abort = _M(self._abort)
         self.open_channel = self  # .remote(channel_id) -> async iterator of awaitables
 

@@ -132,7 +132,9 @@ async def http_run(args, w: Workload, url: str | None = None) -> tuple[list[Resu
             return await stream_completion(session, url or args.url, args.model,
                                            w.prompts[i], w.output_len)
 
-        await one(0)  # warm-up: first-request costs are not throughput
+        # warm-up: first-request costs are not throughput (a full wave of clients, so
+        # every replica and connection is warm before the clock starts)
+        await asyncio.gather(*(one(i % len(w.prompts)) for i in range(w.concurrency)))
         return await drive(w, one)
 
 

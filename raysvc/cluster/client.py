@@ -55,7 +55,11 @@ class _ChannelReader:
     The channel outlives the request that happened to open it, so it is opened from an
     empty context: inside a Serve replica, a Ray call made in a request's context is that
     request's child task, and Ray cancels children with their parent — one client hanging
-    up would otherwise close the channel under every other request sharing it."""
+    up would otherwise close the channel under every other request sharing it.
+
+    Submissions to the worker are batched like tickets (`tickets.py`): one
+    `submit_many` call in flight per channel, carrying every request submitted meanwhile.
+    """
 
     def __init__(self, worker: Any) -> None:
         self.id = f"ch-{uuid.uuid4().hex[:12]}"
@@ -63,6 +67,40 @@ class _ChannelReader:
         self.queues: dict[str, asyncio.Queue] = {}
         self.error: BaseException | None = None
         self.task = contextvars.Context().run(asyncio.create_task, self._pump())
+        self._submits: list[tuple[tuple, asyncio.Future]] = []
+        self._sending = False
+
+    def submit(self, request_id: str, prompt: list[int], params: dict[str, Any],
+               priority: int) -> asyncio.Future:
+        """Start a request on the worker; the future fails with what refused it (a
+        ValueError for bad params, the engine's failure, the actor's death)."""
+        future = asyncio.get_running_loop().create_future()
+        self._submits.append(((request_id, prompt, params, priority), future))
+        if not self._sending:
+            self._sending = True
+            contextvars.Context().run(asyncio.create_task, self._send())
+        return future
+
+    async def _send(self) -> None:
+        try:
+            while self._submits:
+                batch, self._submits = self._submits, []
+                try:
+                    errors = await self.worker.submit_many.remote(
+                        self.id, [item for item, _ in batch])
+                except BaseException as e:  # the worker died: every one of them failed
+                    errors = [e] * len(batch)
+                    if isinstance(e, asyncio.CancelledError):
+                        raise
+                for (_, future), error in zip(batch, errors, strict=True):
+                    if future.done():
+                        continue
+                    if error is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
+        finally:
+            self._sending = False
 
     @property
     def open(self) -> bool:
@@ -205,11 +243,10 @@ class ClusterClient:
                 self._live[request_id] = ticket
                 queue = channel.queues[ticket_id] = asyncio.Queue()
                 try:
-                    await ticket.worker.submit.remote(channel.id, ticket_id, prompt,
-                                                      _continued(params, len(generated)),
-                                                      priority)
+                    await channel.submit(ticket_id, prompt, _continued(params, len(generated)),
+                                         priority)
                 except Exception as e:
-                    if type(getattr(e, "cause", None)).__name__ == "EngineDeadError":
+                    if type(getattr(e, "cause", e)).__name__ == "EngineDeadError":
                         raise _EngineFailed(f"worker {ticket.worker_id}: engine failed") from e
                     raise
                 while not finished:

@@ -193,6 +193,17 @@ class LLMWorker:
         ch.sent[request_id] = {}
         ch.pumps[request_id] = asyncio.create_task(self._pump(ch, request_id, stream))
 
+    async def submit_many(self, channel_id: str, batch: list[tuple[str, list[int],
+                                                                 dict[str, Any], int]]
+                          ) -> list[BaseException | None]:
+        """`submit` for a batch of (request id, prompt, params, priority): an ingress
+        process keeps one such call in flight per worker, so a busy ingress makes few
+        calls. Each item's error (ValueError for bad params, the engine's failure) is
+        returned in its place, None where it started."""
+        results = await asyncio.gather(*(self.submit(channel_id, *item) for item in batch),
+                                       return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
+
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 
