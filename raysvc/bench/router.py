@@ -139,6 +139,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def decisions_alone(num_workers: int, prompt_tokens: int, count: int = 20000,
+                    batch: int = 64) -> float:
+    """Admissions/s of the Router's own work — queue, placement, ledger — with no Ray:
+    `exchange` called in process in batches of `batch` (each releasing the previous
+    batch), against idle fake workers. The ceiling batching can approach."""
+    from raysvc.block_hash import hash_blocks
+    from raysvc.cluster.messages import AcquireRequest
+    from raysvc.cluster.router import Router
+
+    class _Method:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def remote(self, *args):
+            result = self.fn(*args)
+            if asyncio.iscoroutine(result):
+                return asyncio.ensure_future(result)
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(result)
+            return future
+
+    class Idle(FakeWorker):
+        def __init__(self, worker_id: str) -> None:
+            super().__init__(worker_id, 1 << 16, 1 << 24)
+            for name in ("info", "health", "requests", "load", "kv_events"):
+                setattr(self, name, _Method(getattr(FakeWorker, name).__get__(self)))
+
+    async def run() -> float:
+        router = Router(health_interval_s=3600)
+        for i in range(num_workers):
+            await router.add_worker(f"fake-{i}", Idle(f"fake-{i}"))
+        requests = []
+        for k in range(count):
+            prompt = [(k * 31 + i) % 32000 for i in range(prompt_tokens)]
+            requests.append(AcquireRequest(f"t{k}", prompt_tokens, 1,
+                                           hash_blocks(prompt[:-1], 16)))
+        released: list[str] = []
+        start = time.perf_counter()
+        for i in range(0, count, batch):
+            reply = await router.exchange("bench", requests[i:i + batch], released)
+            released = [t for t, _ in reply.results]
+        return count / (time.perf_counter() - start)
+
+    async def timed() -> float:
+        try:
+            return await run()
+        finally:
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()
+
+    return asyncio.run(timed())
+
+
 def _phase(ray, args, protocol: str) -> dict:
     """One protocol's run: a fresh router, its fake workers, the clients."""
     from raysvc.cluster.launch import start_router
@@ -187,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     report = {
+        "decisions_alone_per_s": round(decisions_alone(args.workers, args.prompt_tokens)),
         "command": "raysvc bench router " + " ".join(argv if argv is not None else sys.argv[2:]),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), **phases,
@@ -203,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
               f"ms; {r['requests_per_call']} requests per router call")
     if "ratio" in report:
         print(f"batched / per-request: {report['ratio']}x")
+    print(f"the router's own work alone (in process, no Ray, batches of 64): "
+          f"{report['decisions_alone_per_s']} admissions/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
