@@ -194,3 +194,30 @@ def test_a_joining_worker_takes_its_share_of_the_backlog():
         assert busy.shed_asked == [4]
 
     run(main())
+
+
+def test_under_overload_tenants_take_turns():
+    """One seat; tenant "flood" queues 10 requests, then "quiet" queues 2: as the seat
+    frees, the quiet tenant's requests are admitted second and fourth, not after the
+    flood (FIFO would make them 11th and 12th)."""
+    async def main():
+        router = await _router(FakeWorker("a", seqs=1))
+        await router.acquire("running", 16)
+        order: list[str] = []
+
+        async def ask(ticket_id, tenant):
+            await router.acquire(ticket_id, 16, 1, None, False, 0, tenant)
+            order.append(ticket_id)
+
+        tasks = [asyncio.create_task(ask(f"flood{i}", "flood")) for i in range(10)]
+        await asyncio.sleep(0.01)
+        tasks += [asyncio.create_task(ask(f"quiet{i}", "quiet")) for i in range(2)]
+        await asyncio.sleep(0.01)
+        router.release("running")
+        for _ in range(12):
+            await asyncio.sleep(0.005)
+            router.release(order[-1])
+        await asyncio.gather(*tasks)
+        assert order[:4] == ["flood0", "quiet0", "flood1", "quiet1"], order
+
+    run(main())

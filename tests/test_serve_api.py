@@ -70,12 +70,14 @@ class FakeRouter:
         self.workers_list, self.refuse = list(workers), refuse
         self.released: list[str] = []
         self.failed: list[str] = []
+        self.requests: list = []  # the AcquireRequests the ingress sent
         self.exchange = _M(fake_exchange(self._acquire, self._release))
         self.worker_failed = _M(self._failed)
         self.workers = _M(self._workers)
         self.stats = _M(self._stats)
 
-    async def _acquire(self, ticket_id, num_tokens, n, *_):  # + prompt, salt, retry
+    async def _acquire(self, ticket_id, num_tokens, n, request=None):
+        self.requests.append(request)
         if self.refuse is not None:
             raise self.refuse
         worker = self.workers_list[0] if len(self.workers_list) == 1 else \
@@ -159,6 +161,22 @@ def test_router_refusals_become_statuses(tokenizer, error, status, code):
             assert err["code"] == code and str(error) in err["message"]
     finally:
         stop()
+
+
+def test_priority_and_user_reach_the_router(tokenizer):
+    router = FakeRouter([FakeWorker()])
+    url, stop = serve_app(tokenizer, router)
+    try:
+        # 35 token ids: two full blocks of 16 for the router to match on
+        status, text = post(url, {**BODY, "prompt": list(range(5, 40)), "priority": -3,
+                                  "user": "team-a"})
+        assert status == 200, text
+        status, text = post(url, {**BODY, "priority": "urgent"})
+        assert status == 400 and "priority" in json.loads(text)["error"]["message"], text
+    finally:
+        stop()
+    (req,) = router.requests
+    assert (req.priority, req.tenant) == (-3, "team-a") and len(req.block_hashes) == 2
 
 
 def test_worker_death_before_output_is_retried_elsewhere(tokenizer):
