@@ -22,11 +22,14 @@ class EngineClient:
         self._pending: set = set()  # finish_sample calls in flight (kept from collection)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: dict[str, Any], n: int = 1) -> AsyncIterator[StreamChunk]:
+                       params: dict[str, Any], n: int = 1, priority: int = 0,
+                       tenant: str = "") -> AsyncIterator[StreamChunk]:
+        """`tenant` has no meaning here: one job's rows share one engine, no router."""
         from raysvc.engine.sampling_params import SamplingParams
 
         stream = await self.engine.add_request(request_id, prompt_token_ids,
-                                               SamplingParams(**params, output_kind="delta"))
+                                               SamplingParams(**params, output_kind="delta"),
+                                               priority=priority)
         sent: dict[int, tuple[int, bool]] = {}
         try:
             async for out in stream:
