@@ -28,6 +28,7 @@ report): a restarted router rebuilds its admission ledger from them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -46,6 +47,8 @@ from raysvc.cluster.messages import (
 )
 from raysvc.cluster.prefix_index import KVEventLog
 from raysvc.engine.outputs import merge_outputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -253,6 +256,10 @@ class LLMWorker:
         except EngineDeadError as e:
             self._failure = e
             ch.failed[request_id] = e
+            ch.moved.set()
+        except Exception as e:  # a bug here must end this request, not leave it held
+            logger.exception("worker %s: streaming %s failed", self.worker_id, request_id)
+            ch.failed[request_id] = RequestFailed(f"streaming its output failed: {e!r}")
             ch.moved.set()
 
     def _drain(self, ch: _ChannelState) -> tuple[list[tuple[str, StreamChunk]], float | None]:
