@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "triton_lora_expand",
+    "triton_lora_shrink",
     "triton_paged_attention",
     "triton_paged_decode_split_kv",
     "triton_store_kv",
@@ -73,3 +75,18 @@ def triton_paged_decode_split_kv(
 
     return impl(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, out,
                 num_splits=num_splits, max_seq_len=max_seq_len)
+
+
+def triton_lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Triton batched-LoRA shrink (see raysvc_kernels.triton_lora)."""
+    from raysvc_kernels.triton_lora import lora_shrink as impl
+
+    return impl(x, a, slots)
+
+
+def triton_lora_expand(y: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
+                       out: torch.Tensor) -> None:
+    """Triton batched-LoRA expand, in place (see raysvc_kernels.triton_lora)."""
+    from raysvc_kernels.triton_lora import lora_expand as impl
+
+    impl(y, b, slots, out)

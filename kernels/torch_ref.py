@@ -178,3 +178,27 @@ def paged_attention(
     """
     plan = plan_attention(block_tables, query_start_loc, seq_lens, k_cache.shape[1])
     return attend(q, k_cache, v_cache, plan, scale, out)
+
+
+def lora_shrink(
+    x: torch.Tensor,  # [num_tokens, in]
+    a: torch.Tensor,  # [num_slots, rank, in]
+    slots: torch.Tensor,  # [num_tokens] int, -1 = no adapter
+) -> torch.Tensor:  # [num_tokens, rank] float32
+    """Each token times its own adapter's A (zeros for -1): batched LoRA's first half."""
+    valid = slots.long() >= 0
+    y = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+    y[valid] = torch.einsum("tk,trk->tr", x[valid].float(), a[slots.long()[valid]].float())
+    return y
+
+
+def lora_expand(
+    y: torch.Tensor,  # [num_tokens, rank]
+    b: torch.Tensor,  # [num_slots, out, rank]
+    slots: torch.Tensor,  # [num_tokens] int, -1 = no adapter
+    out: torch.Tensor,  # [num_tokens, out], added to in place
+) -> None:
+    """out += each token's rank vector times its own adapter's B: the second half."""
+    valid = slots.long() >= 0
+    delta = torch.einsum("tr,tnr->tn", y[valid].float(), b[slots.long()[valid]].float())
+    out[valid] = (out[valid].float() + delta).to(out.dtype)

@@ -17,6 +17,7 @@ _EXPORTS = {
     "RequestOutput": "raysvc.engine.outputs",
     "CompletionOutput": "raysvc.engine.outputs",
     "Logprob": "raysvc.engine.outputs",
+    "LoRARequest": "raysvc.models.lora",
 }
 __all__ = list(_EXPORTS)
 

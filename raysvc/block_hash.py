@@ -33,15 +33,25 @@ def hash_blocks(
     cache_salt: str | None = None,
     parent: BlockHash | None = None,
     start_block: int = 0,
+    lora_name: str | None = None,
 ) -> list[BlockHash]:
     """Hashes of the full blocks of `token_ids` from `start_block` on (chained from `parent`).
 
-    The cache salt enters the first block only; every later block inherits it through
-    the chain, so requests with different salts never share a block.
+    The cache salt and the LoRA adapter enter the first block only; every later block
+    inherits them through the chain, so requests with different salts, or computed with
+    different adapters (or none), never share a block.
     """
+    first = first_block_keys(cache_salt, lora_name)
     hashes = []
     for i in range(start_block, len(token_ids) // block_size):
-        extra = (cache_salt,) if i == 0 and cache_salt is not None else ()
+        extra = first if i == 0 else ()
         parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size], extra)
         hashes.append(parent)
     return hashes
+
+
+def first_block_keys(cache_salt: str | None, lora_name: str | None) -> tuple[str, ...]:
+    """The extra keys of a prompt's first block. Prefixed so a salt can never pose as an
+    adapter; a request with neither hashes exactly as it always has."""
+    keys = () if cache_salt is None else (cache_salt,)
+    return keys if lora_name is None else (*keys, "lora:" + lora_name)

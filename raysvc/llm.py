@@ -9,6 +9,7 @@ from raysvc.engine.config import EngineConfig
 from raysvc.engine.llm_engine import LLMEngine
 from raysvc.engine.outputs import RequestOutput
 from raysvc.engine.sampling_params import SamplingParams
+from raysvc.models.lora import LoRARequest
 
 Prompt = str | list[int]
 
@@ -35,10 +36,13 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in prompt order.
 
         prompts: a string, a list of strings, or a list of token-id lists.
+        lora_request: one adapter for every prompt, or one (or None) per prompt; they run
+        mixed in the same steps (needs `enable_lora=True`).
         """
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
@@ -50,14 +54,20 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"lora_request: {len(loras)} given for {len(prompts)} prompts")
 
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         added: list[str] = []
         try:
-            for request_id, prompt, p in zip(ids, prompts, params, strict=True):
+            for request_id, prompt, p, lora in zip(ids, prompts, params, loras, strict=True):
                 # only the finished outputs are wanted: no copy of the text so far each step
                 p = (p or SamplingParams()).model_copy(update={"output_kind": "final_only"})
-                self.engine.add_request(request_id, prompt, p)
+                self.engine.add_request(request_id, prompt, p, lora_request=lora)
                 added.append(request_id)
         except ValueError:
             for request_id in added:

@@ -32,7 +32,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
 def _import_triton_modules() -> tuple[ModuleType, ...]:
-    names = ("triton_tile", "triton_decode", "triton_store", "triton_attention")
+    names = ("triton_tile", "triton_decode", "triton_store", "triton_attention", "triton_lora")
     if CUDA:
         return tuple(importlib.import_module(f"raysvc_kernels.{n}") for n in names)
     saved = os.environ.get("TRITON_INTERPRET")
@@ -54,7 +54,7 @@ def _import_triton_modules() -> tuple[ModuleType, ...]:
             os.environ["TRITON_INTERPRET"] = saved
 
 
-_, tdec, tstore, tattn = _import_triton_modules()
+_, tdec, tstore, tattn, tlora = _import_triton_modules()
 
 
 @pytest.fixture(autouse=True)
@@ -421,3 +421,31 @@ def test_gpu_pool_beyond_int32_elements() -> None:
                                      tattn.unified_config(1, 4, d, q.dtype)),
                 ops.triton_paged_decode_split_kv(*b.args(), num_splits=3)):
         torch.testing.assert_close(out, want, **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_shrink_expand_match_the_float64_twin(dtype) -> None:
+    """Batched LoRA: each token uses its own slot's A and B (or none, -1); the Triton pair
+    equals the torch twin run in float64 (ranks and widths not powers of two)."""
+    g = torch.Generator().manual_seed(0)
+    T, K, R, N, S = 7, 40, 12, 72, 3
+    x = torch.randn(T, K, generator=g).to(DEVICE, dtype)
+    a = torch.randn(S, R, K, generator=g).to(DEVICE, dtype)
+    b = torch.randn(S, N, R, generator=g).to(DEVICE, dtype)
+    slots = torch.tensor([0, -1, 2, 2, 1, -1, 0], dtype=torch.int32, device=DEVICE)
+    out = torch.randn(T, N, generator=g).to(DEVICE, dtype)
+
+    y_ref = torch_ref.lora_shrink(x.double(), a.double(), slots).double()
+    ref = out.double().clone()
+    valid = slots.long() >= 0
+    ref[valid] += torch.einsum("tr,tnr->tn", y_ref[valid], b.double()[slots.long()[valid]])
+
+    y = tlora.lora_shrink(x, a, slots)
+    torch.testing.assert_close(y.double(), y_ref, **TOL[torch.float32])
+    got = out.clone()
+    tlora.lora_expand(y, b, slots, got)
+    torch.testing.assert_close(got.double(), ref, **TOL[dtype])
+    assert torch.equal(got[~valid], out[~valid])  # base rows untouched
+    twin = out.clone()
+    torch_ref.lora_expand(torch_ref.lora_shrink(x, a, slots), b, slots, twin)
+    torch.testing.assert_close(twin.double(), ref, **TOL[dtype])

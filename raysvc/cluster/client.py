@@ -195,11 +195,13 @@ class ClusterClient:
         """The router's actor handle (re-resolved after it was re-created)."""
         return self.tickets.router
 
-    async def _hashes(self, prompt: list[int], cache_salt: str | None) -> list[bytes]:
+    async def _hashes(self, prompt: list[int], cache_salt: str | None,
+                      lora_name: str | None = None) -> list[bytes]:
         """The prompt's block hashes as the workers' prefix caches name them (a hit never
         covers the last prompt token: its logits are needed)."""
         block_size = self.block_size or await self.tickets.fetch_block_size()
-        return hash_blocks(prompt[:-1], block_size, cache_salt) if block_size else []
+        return hash_blocks(prompt[:-1], block_size, cache_salt,
+                           lora_name=lora_name) if block_size else []
 
     def _channel(self, ticket: Ticket) -> _ChannelReader:
         channel = self._channels.get(ticket.worker_id)
@@ -234,7 +236,8 @@ class ClusterClient:
             channel: _ChannelReader | None = None
             finished = False
             try:
-                hashes = await self._hashes(prompt, params.get("cache_salt"))
+                hashes = await self._hashes(prompt, params.get("cache_salt"),
+                                            params.get("lora_name"))
                 ticket = await self.tickets.acquire(AcquireRequest(
                     ticket_id, len(prompt), n, hashes, attempt > 0, priority, tenant, avoid))
                 if ticket is None:

@@ -112,6 +112,7 @@ class BlockManager:
             seq.block_hashes += hash_blocks(
                 seq.token_ids[: num_blocks * self.block_size], self.block_size,
                 seq.request.params.cache_salt, seq.block_hashes[-1] if have else None, have,
+                seq.request.params.lora_name,
             )
         return seq.block_hashes[:num_blocks]
 

@@ -36,6 +36,14 @@ class EngineConfig:
     # naming the field); the AsyncEngine compiles off its step thread, so no other
     # request waits meanwhile.
     grammar_compile_timeout_s: float = 10.0
+    # Multi-LoRA (vLLM's names): adapters active in one step, the largest rank accepted,
+    # adapters kept loaded in host memory (default: max_loras), and adapters known from
+    # the start (name -> PEFT directory; more come with LoRARequests or at run time).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_modules: dict[str, str] | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -61,7 +69,8 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
 
-        for name in ("skip_tokenizer_init", "enable_prefix_caching", "enforce_eager"):
+        for name in ("skip_tokenizer_init", "enable_prefix_caching", "enforce_eager",
+                     "enable_lora"):
             if not isinstance(getattr(self, name), bool):  # "no" would read as true
                 raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
         positive("block_size")
@@ -72,6 +81,20 @@ class EngineConfig:
         positive("max_num_seqs")
         positive("max_num_batched_tokens")
         positive("max_model_len", allow_none=True)
+        positive("max_loras")
+        positive("max_lora_rank")
+        positive("max_cpu_loras", allow_none=True)
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras: must be >= max_loras ({self.max_loras}), got "
+                             f"{self.max_cpu_loras}")
+        if self.lora_modules is not None:
+            if not self.enable_lora:
+                raise ValueError("lora_modules: adapters need enable_lora=True")
+            if not isinstance(self.lora_modules, dict) or not all(
+                    isinstance(k, str) and k and isinstance(v, str | os.PathLike)
+                    for k, v in self.lora_modules.items()):
+                raise ValueError("lora_modules: expected {name: directory}, got "
+                                 f"{self.lora_modules!r}")
         timeout = self.grammar_compile_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise ValueError(f"grammar_compile_timeout_s: must be a positive number of "

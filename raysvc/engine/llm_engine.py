@@ -36,6 +36,7 @@ from raysvc.engine.sequence import Request, Sequence
 from raysvc.models.attention import make_backend
 from raysvc.models.config import ModelConfig, parse_dtype
 from raysvc.models.loader import load_model
+from raysvc.models.lora import LoRARegistry, LoRARequest, LoRASlots
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +83,17 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens,
+                                   config.max_loras if config.enable_lora else 0)
         self.runner = ModelRunner(model, kv_cache, backend)
+        self.loras: LoRARegistry | None = None
+        if config.enable_lora:
+            self.loras = LoRARegistry(mc, config.max_lora_rank,
+                                      config.max_cpu_loras or config.max_loras, self.dtype,
+                                      config.lora_modules)
+            self.runner.lora_slots = LoRASlots(mc, config.max_loras, config.max_lora_rank,
+                                               self.dtype, self.device)
+            self.runner.loras = self.loras
         if self.runner.backend.name == "triton" and self.device.type == "cuda":
             warm_up(self.runner, self.block_manager,
                     min(config.max_num_batched_tokens, self.max_model_len))
@@ -115,11 +125,13 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Validate and enqueue; a bad request raises ValueError and leaves no trace.
 
         `priority` (vLLM's: lower first) orders the waiting queue and picks preemption
-        victims; equal priorities keep arrival order."""
+        victims; equal priorities keep arrival order. `lora_request` (or
+        `params.lora_name`, an adapter known already) runs the request with that adapter."""
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority: expected an integer, got {priority!r}")
         params = params if params is not None else SamplingParams()
@@ -127,6 +139,12 @@ class LLMEngine:
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params)}")
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
+        if lora_request is not None:
+            self.add_lora(lora_request)
+            params = params.model_copy(update={"lora_name": lora_request.lora_name})
+        if params.lora_name is not None and self.loras is None:
+            raise ValueError(f"lora_name: {params.lora_name!r} needs an engine started with "
+                             f"enable_lora=True")
         token_ids = self.tokenize(prompt)
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(token_ids)} tokens leave no room to generate within "
@@ -147,9 +165,30 @@ class LLMEngine:
                     matcher.accept_token(t) for t in token_ids[len(token_ids) - done:]):
                 raise ValueError("continued_output_tokens: the prompt's last "
                                  f"{done} tokens are not a start of its structured output")
+        if params.lora_name is not None:
+            self.loras.acquire(params.lora_name)  # ValueError if unknown or unloadable
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
         self.num_prompt_tokens += len(token_ids)
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Know (and load) an adapter; vLLM's `add_lora`. ValueError names the file."""
+        if self.loras is None:
+            raise ValueError(f"lora_request: adapter {lora_request.lora_name!r} needs an "
+                             f"engine started with enable_lora=True")
+        if lora_request.lora_name not in self.loras.paths:
+            self.loras.add(lora_request.lora_name, lora_request.lora_path)
+
+    def remove_lora(self, lora_name: str) -> None:
+        """Forget an adapter no live request uses (KeyError if unknown)."""
+        self.loras.remove(lora_name)
+        self.runner.lora_slots.forget(lora_name)
+
+    def _forget(self, request: Request) -> None:
+        """The request is over: it no longer holds its adapter."""
+        del self.requests[request.request_id]
+        if request.params.lora_name is not None:
+            self.loras.release(request.params.lora_name)
 
     def _check_logits_params(self, params: SamplingParams) -> None:
         vocab = self.model_config.vocab_size
@@ -219,9 +258,10 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request at any moment; its blocks are freed at once."""
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return None
+        self._forget(request)
         self.scheduler.abort(request)
         if self.spec is not None:
             for seq in request.seqs:
@@ -240,7 +280,7 @@ class LLMEngine:
         if self.spec is not None:
             self.spec.release(seq)
         if request.finished:
-            del self.requests[request_id]
+            self._forget(request)
         return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -362,7 +402,7 @@ class LLMEngine:
             if out is not None:
                 outputs.append(out)
             if request.finished:
-                del self.requests[request.request_id]
+                self._forget(request)
         return outputs
 
     def _verify(self, seq: Sequence, num_spec: int, rows: torch.Tensor) -> None:

@@ -2,7 +2,8 @@
 
 The batch is every scheduled sequence's new tokens, concatenated; positions, slot
 mapping, block tables and query boundaries describe where each token sits in its
-sequence and in the paged pool. A uniform step replays a CUDA graph when there is one.
+sequence and in the paged pool. A uniform step replays a CUDA graph when there is one; a
+step with LoRA adapters runs eagerly, its rows' adapters put into device slots first.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from raysvc.engine.scheduler import SchedulerOutput
 from raysvc.engine.step_batch import LogitsPlan, StepBatch, StepBuilder, plan_logits
 from raysvc.models.attention import AttentionBackend, AttentionMetadata
 from raysvc.models.llama import LlamaModel
+from raysvc.models.lora import LoRABatch, LoRASlots
 
 
 class ModelRunner:
@@ -25,6 +27,8 @@ class ModelRunner:
         self.device = model.device
         self.block_size = kv_cache.block_size
         self.graphs: DecodeGraphs | None = None
+        self.lora_slots: LoRASlots | None = None  # set by an engine with enable_lora
+        self.loras = None  # its LoRARegistry
         self.builder = StepBuilder(self.block_size, kv_cache.null_block,
                                    pin_memory=self.device.type == "cuda")
 
@@ -43,8 +47,15 @@ class ModelRunner:
             logits = plan_logits(batch)
         elif not isinstance(logits, LogitsPlan):
             logits = LogitsPlan(indices=list(logits))
-        size = self.graphs.padded_size(batch) if self.graphs is not None else None
+        size = None
+        if self.graphs is not None and not self._adapters(batch):
+            size = self.graphs.padded_size(batch)
         return self.builder.build(batch, logits, pad_to=size)
+
+    def _adapters(self, batch: SchedulerOutput) -> set[str]:
+        if self.lora_slots is None:
+            return set()
+        return {s.seq.request.params.lora_name for s in batch.scheduled} - {None}
 
     def execute(self, step: StepBatch) -> torch.Tensor:
         """Run one step; return logits [len(step.logits.indices), vocab], one row per
@@ -58,8 +69,22 @@ class ModelRunner:
         if step.batch.block_copies:
             self.kv_cache.copy_blocks(step.batch.block_copies)
         input_ids, positions, meta = self.device_inputs(step)
-        hidden = self.model.forward(input_ids, positions, self.kv_cache.layers, meta, self.backend)
+        hidden = self.model.forward(input_ids, positions, self.kv_cache.layers, meta, self.backend,
+                                    self._lora_batch(step.batch))
         return self.model.compute_logits(hidden[indices])
+
+    def _lora_batch(self, batch: SchedulerOutput) -> LoRABatch | None:
+        """The step's adapters in slots, and each token's slot; None without adapters."""
+        names = self._adapters(batch)
+        if not names:
+            return None
+        slot_of = self.lora_slots.activate([self.loras.get(n) for n in sorted(names)])
+        token_slots: list[int] = []
+        for item in batch.scheduled:
+            name = item.seq.request.params.lora_name
+            token_slots += [-1 if name is None else slot_of[name]] * item.num_tokens
+        return LoRABatch(self.lora_slots, token_slots, self.device,
+                         use_triton=self.backend.name == "triton")
 
     def device_inputs(
         self, step: StepBatch

@@ -50,6 +50,10 @@ class SamplingParams(BaseModel):
     skip_special_tokens: bool = True
     # Tenant isolation for the prefix cache: requests with different salts share no block.
     cache_salt: str | None = None
+    # The LoRA adapter this request runs with (None: the base model). Set by a
+    # `LoRARequest` (the LLM API) or an OpenAI request's `model` naming an adapter; also a
+    # prefix-cache key, like the salt.
+    lora_name: str | None = None
     # vLLM's RequestOutputKind: each output holds everything so far ("cumulative"), only
     # what is new since the previous one ("delta": a stream costs O(length), not O(length^2)),
     # or only the finished request ("final_only").

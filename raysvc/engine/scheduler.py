@@ -15,6 +15,10 @@ sequences (`max_num_seqs`). That one rule covers everything:
 A new (or preempted) sequence first takes the longest prefix of full blocks already in
 the pool (prefix caching), so only the rest is computed.
 
+With LoRA adapters, the running sequences use at most `max_loras` distinct adapters (the
+device slots a step has): a waiting sequence whose adapter would be one too many is
+passed over, in place, until a slot frees; those behind it may go first.
+
 Running sequences are served first, oldest first. When the pool has no block left for
 one, the newest running sequence of the lowest priority (the highest `priority` value,
 vLLM's convention) is preempted (its blocks freed, recomputed later) until the older one
@@ -56,9 +60,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+        max_loras: int = 0,
     ) -> None:
         self.block_manager = block_manager
+        self.max_loras = max_loras
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -116,11 +122,17 @@ class Scheduler:
                 budget -= n + num_spec
                 i += 1
 
+        adapters = {s.request.params.lora_name for s in self.running} - {None}
+        passed_over: list[Sequence] = []
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
             seats = seq.request.params.n if seq.request.fork_pending else 1
             if len(self.running) + seats > self.max_num_seqs:
                 break
+            lora = seq.request.params.lora_name
+            if lora is not None and lora not in adapters and len(adapters) >= self.max_loras:
+                passed_over.append(self.waiting.popleft())
+                continue
             cached = self.block_manager.find_cached_prefix(seq)
             num_cached = len(cached) * self.block_manager.block_size
             n = min(seq.num_tokens - num_cached, budget)
@@ -128,6 +140,8 @@ class Scheduler:
             if copies is None:
                 break
             self.waiting.popleft()
+            if lora is not None:
+                adapters.add(lora)
             if self.block_manager.enable_prefix_caching:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += num_cached
@@ -136,6 +150,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(passed_over))
         return out
 
     def _preempt(self, seq: Sequence) -> None:

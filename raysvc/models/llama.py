@@ -9,12 +9,17 @@ Weights are fused at load time (q|k|v and gate|up) so each layer runs four matmu
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from raysvc.models.attention import AttentionBackend, AttentionMetadata
 from raysvc.models.config import ModelConfig
 from raysvc.models.rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from raysvc.models.lora import LoRABatch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -75,13 +80,17 @@ class LlamaModel:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k_cache, v_cache)
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        lora: LoRABatch | None = None,  # the step's adapters (raysvc.models.lora)
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
         c = self.config
         h = F.embedding(input_ids, self.embed)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches,
+                                                            strict=True)):
             residual = h
             x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
             qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
+            if lora is not None:
+                lora.add("qkv", i, x, qkv)
             q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
             q = q.view(-1, c.num_heads, c.head_dim)
             k = k.view(-1, c.num_kv_heads, c.head_dim)
@@ -92,12 +101,23 @@ class LlamaModel:
             q, k = self.rope(positions, q, k)
             backend.store_kv(k, v, k_cache, v_cache, meta)
             o = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)
-            h = residual + F.linear(o.reshape(-1, self._q_size), layer.o_w, layer.o_b)
+            o = o.reshape(-1, self._q_size)
+            out = F.linear(o, layer.o_w, layer.o_b)
+            if lora is not None:
+                lora.add("o", i, o, out)
+            h = residual + out
 
             residual = h
             x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
-            h = residual + F.linear(F.silu(gate) * up, layer.down_w, layer.down_b)
+            gate_up = F.linear(x, layer.gate_up_w, layer.gate_up_b)
+            if lora is not None:
+                lora.add("gate_up", i, x, gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+            out = F.linear(x, layer.down_w, layer.down_b)
+            if lora is not None:
+                lora.add("down", i, x, out)
+            h = residual + out
         return rms_norm(h, self.final_norm, c.rms_norm_eps)
 
     @torch.inference_mode()
