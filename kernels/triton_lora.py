@@ -71,7 +71,7 @@ def lora_expand(y: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
     """out[t] += b[slots[t]] @ y[t] where slots[t] >= 0, in place."""
     T, R = y.shape
     N = b.shape[1]
-    assert out.stride(1) == 1 and b.stride(2) == 1
+    assert out.stride(1) == 1 and b.stride(2) == 1  # b may be a strided view
     if T:
         block_n = 64
         _expand_kernel[(T, triton.cdiv(N, block_n))](

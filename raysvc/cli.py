@@ -54,7 +54,33 @@ def engine_from_cli(args: argparse.Namespace) -> dict:
         except json.JSONDecodeError as e:
             raise ValueError(f"--speculative-config: not JSON ({e}); e.g. "
                              '\'{"method": "draft_model", "num_speculative_tokens": 4}\'') from None
+    if args.enable_lora or args.lora_modules:
+        engine["enable_lora"] = True
+    if args.lora_modules:
+        engine["lora_modules"] = parse_lora_modules(args.lora_modules)
     return engine
+
+
+def parse_lora_modules(items: list[str]) -> dict[str, str]:
+    """vLLM's --lora-modules: `name=path` or `{"name": ..., "path": ...}` each; paths made
+    absolute (workers may run in another directory)."""
+    modules: dict[str, str] = {}
+    for item in items:
+        if item.lstrip().startswith("{"):
+            try:
+                spec = json.loads(item)
+                name, path = spec["name"], spec["path"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"--lora-modules: {item!r} is not "
+                                 '{"name": NAME, "path": DIR}') from None
+        else:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules: {item!r} is not NAME=DIR")
+        if name in modules:
+            raise ValueError(f"--lora-modules: {name!r} is given twice")
+        modules[name] = os.path.abspath(path)
+    return modules
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -64,6 +90,7 @@ def _batch(args: argparse.Namespace) -> int:
 
     try:
         args.engine = engine_from_cli(args)
+        check_lora_modules(args.model, args.engine)
         args.concurrency = _concurrency(args.concurrency)
         if not os.path.isfile(args.input):
             raise ValueError(f"INPUT: {args.input} is not a file")
@@ -153,6 +180,22 @@ def check_exposure(host: str, serve_args) -> None:
                          "--allow-unauthenticated")
 
 
+def check_lora_modules(model: str | None, engine: dict) -> None:
+    """Load every --lora-modules adapter against the model's config now, so a malformed
+    directory fails the command (naming the file), not a worker after start-up."""
+    if not engine.get("lora_modules"):
+        return
+    import torch
+
+    from raysvc.engine.loading import resolve_model_path
+    from raysvc.models.config import ModelConfig
+    from raysvc.models.lora import load_adapter
+
+    config = ModelConfig.from_dir(resolve_model_path(model))
+    for name, path in engine["lora_modules"].items():
+        load_adapter(name, path, config, engine.get("max_lora_rank", 16), torch.float32)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -163,6 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
         from raysvc.engine.config import EngineConfig
 
         EngineConfig.from_kwargs(**{**serve_args.engine, "model": serve_args.model})
+        check_lora_modules(serve_args.model, serve_args.engine)
         check_exposure(args.host, serve_args)
     except (ValueError, ValidationError) as e:
         print(f"raysvc serve: error: {e}", file=sys.stderr)
@@ -184,6 +228,9 @@ ENGINE_FLAGS = {
     "max_model_len": (int, "context length (default: the model's)"),
     "attention_backend": (str, "auto | triton | torch"),
     "seed": (int, "engine sampler seed"),
+    "max_loras": (int, "LoRA adapters active in one step"),
+    "max_lora_rank": (int, "the largest LoRA rank accepted"),
+    "max_cpu_loras": (int, "LoRA adapters kept loaded in host memory"),
 }
 
 
@@ -195,6 +242,10 @@ def add_engine_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
             continue
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
+                   help="PEFT LoRA adapters, each served as the model NAME (implies "
+                        "--enable-lora)")
     p.add_argument("--speculative-config", default=None,
                    help='JSON, as in vLLM: \'{"method": "draft_model" | "ngram", "model": PATH, '
                         '"num_speculative_tokens": 4}\'')
@@ -312,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (the rest of the arguments go to them)")
     bench.add_argument("what", choices=["engine", "kernels", "serve", "spec", "routing", "router",
                                         "prefix-cache", "autoscale", "chaos", "batch",
-                                        "structured"])
+                                        "structured", "lora"])
     return parser
 
 

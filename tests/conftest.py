@@ -7,7 +7,9 @@ loaded by HF (the oracle) and by raysvc (under test).
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
+from pathlib import Path
 
 import torch
 
@@ -168,3 +170,19 @@ def fake_submit_many(submit):
         return out
 
     return submit_many
+
+
+def make_adapter(hf, path: Path, rank: int, alpha: int, targets: list[str], rslora: bool,
+                 seed: int) -> Path:
+    """A PEFT adapter with random A and B (PEFT starts B at zero: a no-op adapter)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(hf), LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(path)
+    return path

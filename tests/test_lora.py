@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_no_leaks, hf_greedy
-from peft import LoraConfig, PeftModel, get_peft_model
+from conftest import assert_no_leaks, hf_greedy, make_adapter
+from peft import PeftModel
 
 from raysvc import LLM, LoRARequest, SamplingParams
 from raysvc.engine.loading import resolve_model_path
@@ -25,20 +25,6 @@ ADAPTERS = {
     "attn": (4, 8, ["q_proj", "v_proj", "o_proj"], True),
     "mlp": (16, 16, ["gate_proj", "up_proj", "down_proj"], False),
 }
-
-
-def make_adapter(hf, path: Path, rank: int, alpha: int, targets: list[str], rslora: bool,
-                 seed: int) -> Path:
-    """A PEFT adapter with random A and B (PEFT starts B at zero: a no-op adapter)."""
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(hf), LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.5)
-    model.save_pretrained(path)
-    return path
 
 
 def peft_model(hf, path: Path):

@@ -97,6 +97,28 @@ def test_full_prefix_worker_is_waited_for_unless_it_runs_hot():
     assert placer.choose(workers, workers[1:], a)[0] is workers[1]
 
 
+def test_lora_affinity_gathers_an_adapter_unless_its_worker_runs_hot():
+    """A cold prompt for adapter X goes where X is loaded, not to the least loaded worker;
+    a prefix match (hashed with X) still counts; a hot worker gives way."""
+    workers = [_worker(f"w{i}") for i in range(3)]
+    placer = Placer(PlacementConfig(balance_abs=2, balance_rel=1.5))
+    workers[2].loras = {"x"}
+    cold = hash_blocks(list(range(3, 163)), 16, lora_name="x")
+    assert placer.choose(workers, workers, cold, lora="x")[0] is workers[2]
+    assert placer.choose(workers, workers, cold)[0] is workers[0]  # base: least loaded
+    assert placer.choose(workers, workers, [], lora="x")[0] is workers[2]  # < one block
+    # the adapter's prefix on another worker beats a bare adapter hit
+    warm = hash_blocks(list(range(500, 900)), 16, lora_name="x")
+    _admit(workers[1], warm)
+    assert placer.choose(workers, workers, warm, lora="x")[0] is workers[1]
+    for _ in range(3):  # w2 runs hot (4 vs 0-1 requests): the least loaded takes it
+        _admit(workers[2], [])
+    _admit(workers[2], [])
+    assert placer.choose(workers, workers, cold, lora="x")[0] is workers[0]
+    # the adapter's blocks never match the base model's (nor another adapter's)
+    assert not set(hash_blocks(list(range(3, 163)), 16)) & set(cold)
+
+
 def test_comparison_policies():
     workers = [_worker(f"w{i}") for i in range(4)]
     hashes = [hash_blocks([g] * 48, 16) for g in range(8)]

@@ -38,7 +38,7 @@ class Server:
     """`raysvc serve` in a subprocess; `extra` replaces this module's flags."""
 
     def __init__(self, tmp: Path, extra: list[str] | None = None,
-                 api_key: str | None = API_KEY) -> None:
+                 api_key: str | None = API_KEY, more: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "server.log"
@@ -54,7 +54,8 @@ class Server:
             # an elastic pool that never grows here: its stats, not its scaling
             "--worker-autoscaling", '{"upscale_delay_s": 3600}', "--ingress-replicas", "1",
             "--max-structured-output-bytes", "16384"]
-        cmd = [sys.executable, "-m", "raysvc.cli", "serve", "--port", str(self.port), *flags]
+        cmd = [sys.executable, "-m", "raysvc.cli", "serve", "--port", str(self.port), *flags,
+               *more]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
 
@@ -89,8 +90,23 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("serve"))
+def adapter(tmp_path_factory) -> Path:
+    """A random PEFT LoRA adapter of the built-in model, served as `tiny-sql`."""
+    import torch
+    from conftest import make_adapter
+    from transformers import AutoModelForCausalLM
+
+    from raysvc.engine.loading import resolve_model_path
+
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(None), dtype=torch.float32)
+    return make_adapter(hf, tmp_path_factory.mktemp("lora") / "sql", 8, 16,
+                        ["q_proj", "v_proj", "o_proj", "down_proj"], False, seed=1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, adapter):
+    srv = Server(tmp_path_factory.mktemp("serve"),
+                 more=("--lora-modules", f"tiny-sql={adapter}", "--max-loras", "2"))
     try:
         srv.wait_ready()
         yield srv
@@ -99,8 +115,8 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return LLM(num_kv_blocks=256)
+def llm(adapter):
+    return LLM(num_kv_blocks=256, enable_lora=True, lora_modules={"tiny-sql": str(adapter)})
 
 
 @pytest.fixture
@@ -137,7 +153,8 @@ PROMPTS = ["The list type", "def f(x):", "Python's dict"]
 
 def test_models_health_and_stats(server, client):
     models = client.models.list()
-    assert [m.id for m in models.data] == ["tiny"]
+    assert [m.id for m in models.data] == ["tiny", "tiny-sql"]
+    assert models.data[1].model_extra["parent"] == "tiny"  # vLLM's shape for an adapter
     stats = _stats(server)
     (w,) = stats["workers"]
     for key in ("worker_id", "node_id", "pid", "running", "waiting", "kv_blocks_free",
@@ -170,6 +187,35 @@ def test_completions_greedy_equal_offline_engine(client, llm):
         stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
                                            temperature=0, stream=True)
         assert "".join(c.choices[0].text for c in stream if c.choices) == choice.text
+
+
+def test_lora_adapter_named_by_model_mixed_with_base_requests(server, client, llm):
+    """`model` picks the adapter; adapter and base requests run at once on one worker, each
+    equal to the offline engine's (itself tested against PEFT in test_lora.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    params = SamplingParams(temperature=0, max_tokens=16)
+    base = llm.generate(PROMPTS, params)
+    tuned = llm.generate(PROMPTS, params.model_copy(update={"lora_name": "tiny-sql"}))
+    assert any(b.outputs[0].token_ids != t.outputs[0].token_ids
+               for b, t in zip(base, tuned, strict=True))
+
+    def ask(model: str, prompt: str) -> str:
+        return client.completions.create(model=model, prompt=prompt, max_tokens=16,
+                                         temperature=0).choices[0].text
+
+    jobs = [(m, p, exp) for p, b, t in zip(PROMPTS, base, tuned, strict=True)
+            for m, exp in (("tiny", b), ("tiny-sql", t))] * 2
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(lambda j: ask(j[0], j[1]), jobs))
+    assert got == [exp.outputs[0].text for _, _, exp in jobs]
+    with pytest.raises(openai.NotFoundError) as e:
+        ask("tiny-nosql", PROMPTS[0])
+    assert e.value.code == "model_not_found" and "tiny-sql" in e.value.message
+    (w,) = _wait_all_free(server)["workers"]
+    assert w["loras"] == ["tiny-sql"]
 
 
 def test_completions_batch_of_prompts_and_token_ids(client, llm):

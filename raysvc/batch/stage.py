@@ -62,7 +62,8 @@ class EngineStage:
 
         facts = ModelFacts(name=served_name, max_model_len=llm.max_model_len,
                            vocab_size=llm.model_config.vocab_size, max_n=max_n,
-                           tool_parser=parser_for(getattr(tokenizer, "chat_template", None)))
+                           tool_parser=parser_for(getattr(tokenizer, "chat_template", None)),
+                           loras=dict(engine_kwargs.get("lora_modules") or {}))
         self.handler = OpenAIHandler(tokenizer, facts, EngineClient(self.engine))
         self.served_name = served_name
         self.mode = mode

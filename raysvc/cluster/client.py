@@ -239,7 +239,8 @@ class ClusterClient:
                 hashes = await self._hashes(prompt, params.get("cache_salt"),
                                             params.get("lora_name"))
                 ticket = await self.tickets.acquire(AcquireRequest(
-                    ticket_id, len(prompt), n, hashes, attempt > 0, priority, tenant, avoid))
+                    ticket_id, len(prompt), n, hashes, attempt > 0, priority, tenant, avoid,
+                    params.get("lora_name")))
                 if ticket is None:
                     return
                 channel = self._channel(ticket)

@@ -76,6 +76,7 @@ class WorkerLoad:
     spec_accepted_tokens_per_position: list[int] = field(default_factory=list)
     healthy: bool = True
     request_ids: list[str] = field(default_factory=list)  # what it holds (the ledger's truth)
+    loras: list[str] = field(default_factory=list)  # LoRA adapters loaded in its engine
 
     @classmethod
     def from_engine_stats(cls, stats: dict[str, Any], **extra: Any) -> WorkerLoad:
@@ -109,6 +110,7 @@ class AcquireRequest:
     priority: int = 0  # vLLM's: lower is served first
     tenant: str = ""  # whose request (the OpenAI `user` field): fairness among tenants
     avoid: str | None = None  # not this worker (it just handed the request over)
+    lora: str | None = None  # the LoRA adapter it runs with: workers holding it are preferred
 
 
 @dataclass(slots=True)

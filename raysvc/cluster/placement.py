@@ -21,6 +21,11 @@ Policies (`PlacementConfig.policy`):
   wins: the request waits for it at the head of the queue rather than missing on whichever
   worker happens to free a slot first (under saturation that is what keeps the hit rate;
   the balance rule bounds the wait).
+  A request with a LoRA adapter counts `lora_affinity_tokens` extra on the workers that
+  hold it loaded (their load reports say which; a placement adds it at once), so an
+  adapter's requests gather where it is loaded rather than loading it everywhere; the
+  balance rule still sends them on when those workers run hot. (Its prefix hashes carry
+  the adapter, so prefix matches are always with the same adapter.)
 - "least_loaded": the old rule — fewest seats used, then fewest blocks.
 - "round_robin": the next worker with room in a fixed order.
 - "oracle": a benchmark reference: every request whose first prompt block is the same
@@ -50,6 +55,9 @@ class PlacementConfig:
     balance_rel: float = 1.2  # ... and > rel * the least's  => least loaded takes it
     load_half_life_s: float = 30.0  # load = running requests + recently routed, decayed
     wait_for_prefix: bool = True  # a full worker holding the prefix is worth waiting for
+    # a worker with the request's LoRA adapter loaded scores as if it held this many more
+    # prompt tokens (a load from disk and a slot swap avoided), unless it runs hot
+    lora_affinity_tokens: float = 256.0
     pending_ttl_s: float = 30.0  # a placement counts as cached until events confirm it
     max_pending_blocks: int = 65536  # per worker
 
@@ -77,6 +85,7 @@ class WorkerEntry:
     recent: float = 0.0  # requests routed here, decayed with the load half-life ...
     recent_time: float = 0.0  # ... as of this time
     shed_after: float = 0.0  # not asked to shed work again before this (monotonic)
+    loras: set[str] = field(default_factory=set)  # LoRA adapters loaded (reported, placed)
 
     def recent_at(self, now: float, half_life_s: float) -> float:
         return self.recent * 0.5 ** ((now - self.recent_time) / half_life_s)
@@ -120,6 +129,7 @@ class WorkerEntry:
                                      if load.spec_draft_tokens else None),
             "index_blocks": len(self.index.cached), "index_pending": len(self.index.pending),
             "draining": self.draining, "state": "draining" if self.draining else "ready",
+            "loras": sorted(self.loras),
         }
 
     def fits(self, num_prompt_tokens: int, n: int) -> bool:
@@ -149,8 +159,10 @@ class Placer:
         self._oracle: dict[bytes, str] = {}  # first block hash -> worker id
 
     def choose(self, all_workers: list[WorkerEntry], fits: list[WorkerEntry],
-               hashes: list[bytes], now: float | None = None) -> tuple[WorkerEntry | None, int]:
-        """The chosen worker (None: none fits) and its matched prefix blocks."""
+               hashes: list[bytes], now: float | None = None,
+               lora: str | None = None) -> tuple[WorkerEntry | None, int]:
+        """The chosen worker (None: none fits) and its matched prefix blocks. `lora`: the
+        request's adapter (policy "prefix" prefers workers that hold it)."""
         policy = self.config.policy
         now = time.monotonic() if now is None else now
         if policy == "oracle" and hashes:
@@ -167,17 +179,18 @@ class Placer:
             pick = next((w for w in ordered if w.worker_id >= start), ordered[0])
             self._rr = ids.index(pick.worker_id) + 1 if pick.worker_id in ids else self._rr + 1
             return pick, pick.index.match(hashes, now)
-        if policy == "least_loaded" or not hashes:
+        if policy == "least_loaded" or not (hashes or lora):
             pick = min(fits, key=_least_loaded_key)
             matched = pick.index.match(hashes, now)
         else:
-            pick, matched = self._by_prefix(all_workers, fits, hashes, now)
+            pick, matched = self._by_prefix(all_workers, fits, hashes, now, lora)
         if pick is not None:
             self._routed(pick, now)
         return pick, matched
 
     def _by_prefix(self, all_workers: list[WorkerEntry], fits: list[WorkerEntry],
-                   hashes: list[bytes], now: float) -> tuple[WorkerEntry | None, int]:
+                   hashes: list[bytes], now: float,
+                   lora: str | None = None) -> tuple[WorkerEntry | None, int]:
         # One pass over the workers, no helper calls: this runs once per admission, for
         # every worker (the router's cost per request grows with the fleet).
         cfg = self.config
@@ -199,14 +212,18 @@ class Placer:
                 continue
             m = w.index.match(hashes, now)
             score = (cfg.prefix_weight * m - cfg.load_weight * w.used_blocks) * w.block_size
+            if lora is not None and lora in w.loras:
+                score += cfg.lora_affinity_tokens
             key = (-score, load, w.requests_routed, w.worker_id)
             if best_key is None or key < best_key:
                 best, best_key, matched = w, key, m
         if best is None:
             return None, 0
         hi = loads[id(best)]
-        if matched == 0 or (hi - lo > cfg.balance_abs and hi > cfg.balance_rel * lo):
-            # cold prefix, or its worker runs hot: the least loaded (recently) takes it
+        warm = matched > 0 or (lora is not None and lora in best.loras)
+        if not warm or (hi - lo > cfg.balance_abs and hi > cfg.balance_rel * lo):
+            # cold prefix (and adapter), or its worker runs hot: the least loaded (recently)
+            # takes it
             if not fits:
                 return None, 0
             best = min(fits, key=lambda w: (loads[id(w)], w.worker_id))

@@ -423,14 +423,15 @@ class Router:
     async def acquire(self, ticket_id: str, num_prompt_tokens: int, n: int = 1,
                       block_hashes: list[bytes] | None = None, retry: bool = False,
                       priority: int = 0, tenant: str = "",
-                      avoid: str | None = None) -> Ticket | None:
+                      avoid: str | None = None, lora: str | None = None) -> Ticket | None:
         """One request's ticket, awaited (the in-process form of `exchange`): wait until a
         worker has room; raise Overloaded if the queue is full.
 
         With `block_hashes` (the prompt's, from `block_hash.hash_blocks`), placement is
         prefix-aware. A `retry` (a request whose worker died) goes to the head of the
-        queue; `avoid` names a worker not to place it on. None if the ticket was released
-        before this call arrived (its caller is gone)."""
+        queue; `avoid` names a worker not to place it on; `lora` the adapter it runs with
+        (workers holding it are preferred). None if the ticket was released before this
+        call arrived (its caller is gone)."""
         future = asyncio.get_running_loop().create_future()
 
         def deliver(result: Any) -> None:
@@ -443,7 +444,7 @@ class Router:
                                   Ticket(ticket_id, result.worker_id, result.handle))
 
         self._offer(AcquireRequest(ticket_id, num_prompt_tokens, n, list(block_hashes or []),
-                                   retry, priority, tenant, avoid), deliver)
+                                   retry, priority, tenant, avoid, lora), deliver)
         try:
             return await future
         except asyncio.CancelledError:  # the caller went away: leave no trace
@@ -480,7 +481,7 @@ class Router:
                                       f"waiting"))
         self._queue.push(Waiting(ticket_id, req.num_prompt_tokens, req.n, req.block_hashes,
                                  deliver, time.monotonic(), req.priority, req.tenant,
-                                 req.avoid), retry=req.retry)
+                                 req.avoid, req.lora), retry=req.retry)
         if dispatch:
             self._dispatch()
         return None
@@ -513,10 +514,12 @@ class Router:
                                               for w in workers):
                 workers = [w for w in workers if w.worker_id != head.avoid]
             fits = [w for w in workers if w.fits(head.num_prompt_tokens, head.n)]
-            worker, _ = self._placer.choose(workers, fits, head.hashes, now)
+            worker, _ = self._placer.choose(workers, fits, head.hashes, now, head.lora)
             if worker is None:
                 break
             worker.index.place(head.hashes, now)
+            if head.lora is not None:
+                worker.loras.add(head.lora)  # it loads it now (until its report says so)
             self._queue.pop_head()
             self.ledger.admit(worker, head.ticket_id, head.num_prompt_tokens, head.n, now)
             worker.requests_routed += 1
@@ -664,6 +667,7 @@ class Router:
             if isinstance(result, WorkerLoad) and result.healthy:
                 self.metrics.worker(worker.info.worker_id, result, previous=worker.load)
                 worker.load, worker.missed_reports = result, 0
+                worker.loras = set(result.loras)
                 self._reconcile(worker, result.request_ids)
             elif isinstance(result, TimeoutError):
                 # Busy, not dead (a first GPU step may compile kernels for minutes): its

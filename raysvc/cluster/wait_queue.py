@@ -39,6 +39,7 @@ class Waiting:
     priority: int = 0
     tenant: str = ""
     avoid: str | None = None
+    lora: str | None = None
     removed: bool = False
 
 

@@ -109,7 +109,7 @@ class LLMWorker:
         return WorkerLoad.from_engine_stats(
             stats, tokens_in_flight=sum(self._tokens.values()),
             requests_in_flight=len(self._tokens), healthy=self._problem() is None,
-            request_ids=list(self._tokens))
+            request_ids=list(self._tokens), loras=self.engine.engine.loaded_loras())
 
     def requests(self) -> list[tuple[str, int, int]]:
         """(request id, prompt tokens, samples) of every request here: a router rebuilding

@@ -93,7 +93,6 @@ class LLMEngine:
                                       config.lora_modules)
             self.runner.lora_slots = LoRASlots(mc, config.max_loras, config.max_lora_rank,
                                                self.dtype, self.device)
-            self.runner.loras = self.loras
         if self.runner.backend.name == "triton" and self.device.type == "cuda":
             warm_up(self.runner, self.block_manager,
                     min(config.max_num_batched_tokens, self.max_model_len))
@@ -166,7 +165,8 @@ class LLMEngine:
                 raise ValueError("continued_output_tokens: the prompt's last "
                                  f"{done} tokens are not a start of its structured output")
         if params.lora_name is not None:
-            self.loras.acquire(params.lora_name)  # ValueError if unknown or unloadable
+            # ValueError if unknown or unloadable
+            request.lora = self.loras.acquire(params.lora_name)
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
         self.num_prompt_tokens += len(token_ids)
@@ -180,9 +180,15 @@ class LLMEngine:
             self.loras.add(lora_request.lora_name, lora_request.lora_path)
 
     def remove_lora(self, lora_name: str) -> None:
-        """Forget an adapter no live request uses (KeyError if unknown)."""
+        """Forget an adapter (KeyError if unknown): new requests may no longer name it;
+        requests running with it finish with it."""
+        if self.loras is None:
+            raise KeyError(lora_name)
         self.loras.remove(lora_name)
-        self.runner.lora_slots.forget(lora_name)
+
+    def loaded_loras(self) -> list[str]:
+        """The adapters in host memory now (safe to read from another thread)."""
+        return list(self.loras.names) if self.loras is not None else []
 
     def _forget(self, request: Request) -> None:
         """The request is over: it no longer holds its adapter."""
@@ -333,6 +339,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
+        if self.loras is not None:  # each adapter's rows together: one slice per adapter
+            batch.scheduled.sort(key=lambda s: id(s.seq.request.lora or self))
 
         step = self.runner.prepare(batch)
         plan = step.logits

@@ -28,7 +28,6 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.graphs: DecodeGraphs | None = None
         self.lora_slots: LoRASlots | None = None  # set by an engine with enable_lora
-        self.loras = None  # its LoRARegistry
         self.builder = StepBuilder(self.block_size, kv_cache.null_block,
                                    pin_memory=self.device.type == "cuda")
 
@@ -52,10 +51,12 @@ class ModelRunner:
             size = self.graphs.padded_size(batch)
         return self.builder.build(batch, logits, pad_to=size)
 
-    def _adapters(self, batch: SchedulerOutput) -> set[str]:
+    def _adapters(self, batch: SchedulerOutput) -> dict[int, object]:
+        """The step's LoRA adapters, by identity (a reloaded name is another adapter)."""
         if self.lora_slots is None:
-            return set()
-        return {s.seq.request.params.lora_name for s in batch.scheduled} - {None}
+            return {}
+        return {id(s.seq.request.lora): s.seq.request.lora for s in batch.scheduled
+                if s.seq.request.lora is not None}
 
     def execute(self, step: StepBatch) -> torch.Tensor:
         """Run one step; return logits [len(step.logits.indices), vocab], one row per
@@ -75,14 +76,14 @@ class ModelRunner:
 
     def _lora_batch(self, batch: SchedulerOutput) -> LoRABatch | None:
         """The step's adapters in slots, and each token's slot; None without adapters."""
-        names = self._adapters(batch)
-        if not names:
+        adapters = self._adapters(batch)
+        if not adapters:
             return None
-        slot_of = self.lora_slots.activate([self.loras.get(n) for n in sorted(names)])
+        slot_of = self.lora_slots.activate(list(adapters.values()))
         token_slots: list[int] = []
         for item in batch.scheduled:
-            name = item.seq.request.params.lora_name
-            token_slots += [-1 if name is None else slot_of[name]] * item.num_tokens
+            lora = item.seq.request.lora
+            token_slots += [-1 if lora is None else slot_of[id(lora)]] * item.num_tokens
         return LoRABatch(self.lora_slots, token_slots, self.device,
                          use_triton=self.backend.name == "triton")
 

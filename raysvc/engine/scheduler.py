@@ -122,14 +122,14 @@ class Scheduler:
                 budget -= n + num_spec
                 i += 1
 
-        adapters = {s.request.params.lora_name for s in self.running} - {None}
+        adapters = {id(s.request.lora) for s in self.running if s.request.lora is not None}
         passed_over: list[Sequence] = []
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
             seats = seq.request.params.n if seq.request.fork_pending else 1
             if len(self.running) + seats > self.max_num_seqs:
                 break
-            lora = seq.request.params.lora_name
+            lora = id(seq.request.lora) if seq.request.lora is not None else None
             if lora is not None and lora not in adapters and len(adapters) >= self.max_loras:
                 passed_over.append(self.waiting.popleft())
                 continue

@@ -49,6 +49,7 @@ class Request:
         self.fork_pending = params.n > 1  # becomes n sequences once the prompt is computed
         self.bad_words_token_ids: list[list[int]] = []  # set by the engine (tokenized)
         self.grammar = None  # the compiled structured-output grammar, if any
+        self.lora = None  # its LoRAAdapter (raysvc.models.lora), held for its whole life
         self.prompt_logprobs_sent = False  # a delta output hands them out once
 
     @property

@@ -17,7 +17,8 @@ Who keeps what:
 - `LoRARegistry`: adapter name -> directory (from `lora_modules`, a `LoRARequest`, or a
   load at run time), and the loaded adapters in host memory, LRU-bounded by
   `max_cpu_loras` (adapters of live requests are pinned: a request never fails because
-  its adapter was evicted mid-flight);
+  its adapter was evicted mid-flight; each request holds its adapter object, so unloading
+  or reloading a name never changes a running request's weights);
 - `LoRASlots`: the device-side stacks; `activate` puts a step's adapters into slots
   (LRU among `max_loras`); the scheduler guarantees a step never needs more;
 - `LoRABatch`: one step's per-token slot (-1 = the base model), applied by the model
@@ -170,6 +171,7 @@ class LoRARegistry:
         self.loaded: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self.in_use: dict[str, int] = {}  # adapter -> live requests naming it
         self.num_loads = 0
+        self.names: tuple[str, ...] = ()  # `loaded`'s keys, for readers on other threads
         for name, path in (modules or {}).items():
             self.add(name, path)
 
@@ -185,13 +187,11 @@ class LoRARegistry:
         return adapter
 
     def remove(self, name: str) -> None:
+        """New requests may no longer name it; live ones keep it loaded until they end."""
         if name not in self.paths:
             raise KeyError(name)
-        if self.in_use.get(name):
-            raise ValueError(f"lora_name: {name!r} is in use by {self.in_use[name]} "
-                             f"request(s)")
         del self.paths[name]
-        self.loaded.pop(name, None)
+        self._evict()
 
     def acquire(self, name: str) -> LoRAAdapter:
         """The adapter for a new request (loaded now if it is not); pinned until release."""
@@ -199,7 +199,11 @@ class LoRARegistry:
         if path is None:
             raise ValueError(f"lora_name: unknown adapter {name!r}; loaded: "
                              f"{', '.join(sorted(self.paths)) or 'none'}")
-        adapter = self.loaded.get(name) or self._load(name, path)
+        adapter = self.loaded.get(name)
+        if adapter is None:
+            adapter = self._load(name, path)
+        else:
+            self.loaded.move_to_end(name)
         self.in_use[name] = self.in_use.get(name, 0) + 1
         return adapter
 
@@ -211,11 +215,6 @@ class LoRARegistry:
             self.in_use.pop(name, None)
             self._evict()
 
-    def get(self, name: str) -> LoRAAdapter:
-        adapter = self.loaded[name]  # pinned by a live request: never evicted
-        self.loaded.move_to_end(name)
-        return adapter
-
     def _load(self, name: str, path: str) -> LoRAAdapter:
         adapter = load_adapter(name, path, self.config, self.max_lora_rank, self.dtype)
         self.loaded[name] = adapter
@@ -224,59 +223,70 @@ class LoRARegistry:
         return adapter
 
     def _evict(self) -> None:
+        for name in list(self.loaded):  # removed adapters first, then LRU order
+            if name not in self.paths and not self.in_use.get(name):
+                del self.loaded[name]
         for name in list(self.loaded):
             if len(self.loaded) <= self.max_cpu_loras:
-                return
+                break
             if not self.in_use.get(name):
                 del self.loaded[name]
+        self.names = tuple(self.loaded)
 
 
 class LoRASlots:
-    """The device-side stacks of the adapters a step may use (`max_loras` slots)."""
+    """The device-side stacks of the adapters a step may use (`max_loras` slots).
+
+    Per group and layer, A is [slots * W, in] and B is [out, slots * W] (W = G * rank,
+    slot s owning columns s*W .. s*W + W - 1), so a step's shrink for every adapter at once
+    is one matmul, and the expand one more."""
 
     def __init__(self, config: ModelConfig, max_loras: int, max_lora_rank: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         shapes = module_shapes(config)
         self.max_loras, self.rank = max_loras, max_lora_rank
-        self.a: dict[str, torch.Tensor] = {}  # group -> [layers, slots, G * rank, in]
-        self.b: dict[str, torch.Tensor] = {}  # group -> [layers, slots, out, G * rank]
+        self.a: dict[str, torch.Tensor] = {}  # group -> [layers, slots * W, in]
+        self.b: dict[str, torch.Tensor] = {}  # group -> [layers, out, slots * W]
+        self.width: dict[str, int] = {}  # group -> W
         L = config.num_layers
         for group, modules in GROUPS.items():
             fan_in = shapes[modules[0]][0]
             fan_out = sum(shapes[m][1] for m in modules)
-            width = len(modules) * max_lora_rank
-            self.a[group] = torch.zeros(L, max_loras, width, fan_in, dtype=dtype, device=device)
-            self.b[group] = torch.zeros(L, max_loras, fan_out, width, dtype=dtype, device=device)
+            width = self.width[group] = len(modules) * max_lora_rank
+            self.a[group] = torch.zeros(L, max_loras * width, fan_in, dtype=dtype, device=device)
+            self.b[group] = torch.zeros(L, fan_out, max_loras * width, dtype=dtype, device=device)
         self._offsets = {g: [0] + [sum(shapes[m][1] for m in ms[:i + 1]) for i in range(len(ms))]
                          for g, ms in GROUPS.items()}
-        self.slots: OrderedDict[str, int] = OrderedDict()  # adapter -> slot, LRU first
+        self.slots: OrderedDict[int, int] = OrderedDict()  # id(adapter) -> slot, LRU first
+        self._held: dict[int, LoRAAdapter] = {}  # slot -> the adapter written there
         self._free = list(range(max_loras))
+        self.num_writes = 0
 
-    def activate(self, adapters: list[LoRAAdapter]) -> dict[str, int]:
-        """Put `adapters` (at most max_loras) into slots; their slot numbers."""
-        wanted = {a.name for a in adapters}
+    def activate(self, adapters: list[LoRAAdapter]) -> dict[int, int]:
+        """Put `adapters` (at most max_loras) into slots; id(adapter) -> its slot. Adapters
+        are told apart by identity: a name loaded again from elsewhere is another one."""
+        wanted = {id(a) for a in adapters}
         for adapter in adapters:
-            if adapter.name in self.slots:
-                self.slots.move_to_end(adapter.name)
+            key = id(adapter)
+            if key in self.slots:
+                self.slots.move_to_end(key)
                 continue
             if not self._free:
-                victim = next(n for n in self.slots if n not in wanted)
+                victim = next(k for k in self.slots if k not in wanted)
                 self._free.append(self.slots.pop(victim))
             slot = self._free.pop()
             self._write(slot, adapter)
-            self.slots[adapter.name] = slot
-        return {a.name: self.slots[a.name] for a in adapters}
-
-    def forget(self, name: str) -> None:
-        """`name` was unloaded (or reloaded from elsewhere): its slot is stale."""
-        slot = self.slots.pop(name, None)
-        if slot is not None:
-            self._free.append(slot)
+            self.slots[key] = slot
+            self._held[slot] = adapter  # (keeps it alive: its id is not reused meanwhile)
+        return {id(a): self.slots[id(a)] for a in adapters}
 
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         r = self.rank
+        self.num_writes += 1
         for group, modules in GROUPS.items():
-            a, b = self.a[group][:, slot], self.b[group][:, slot]
+            w = self.width[group]
+            a = self.a[group][:, slot * w:(slot + 1) * w]
+            b = self.b[group][:, :, slot * w:(slot + 1) * w]
             a.zero_()
             b.zero_()
             offsets = self._offsets[group]
@@ -291,43 +301,71 @@ class LoRASlots:
                     b[layer, offsets[j]: offsets[j + 1], j * r: j * r + rank].copy_(lora_b)
 
 
+# The slice form when the step's adapter runs are few and long (prefill chunks): each
+# small matmul has a fixed cost (~20 us on a CPU core in bf16) that decode-sized runs
+# of a few tokens do not amortize; the masked form pays it 3 times per linear, not 2 per run.
+GROUPED_MAX_RUNS = 8
+GROUPED_MIN_TOKENS_PER_RUN = 32
+
+
 class LoRABatch:
     """One step's adapters: which slot each token uses (-1: the base model alone).
 
-    The torch path (CPU) runs one shrink and one expand per adapter present, on that
-    adapter's rows (a slice when they are contiguous, as they are when the step holds
-    one sequence per adapter run); the Triton path (CUDA) runs one kernel pair for the
-    whole step, each token reading its own slot's weights."""
+    The torch path (CPU) has two forms. The engine orders a step's rows by adapter, so
+    each adapter's tokens are one contiguous run: when the runs are long (prefill), each
+    is multiplied by its own slot's A and B on a slice (two ops per adapter, no wasted
+    FLOPs). Otherwise (decode: a few tokens per adapter) every token is multiplied by
+    every slot's A at once, the columns of the slots it does not use zeroed, and expanded
+    with every slot's B: three ops per fused linear whatever the number of adapters, at
+    max_loras times the rank FLOPs.
+    The Triton path (CUDA) runs one kernel pair for the step, each token reading only its
+    own slot's weights."""
 
     def __init__(self, slots: LoRASlots, token_slots: list[int], device: torch.device,
                  use_triton: bool) -> None:
         self.stacks = slots
         self.use_triton = use_triton
         self.token_slots = torch.tensor(token_slots, dtype=torch.int32).to(device)
-        self.groups: list[tuple[int, slice | torch.Tensor]] = []
-        if not use_triton:
-            rows: dict[int, list[int]] = {}
-            for i, s in enumerate(token_slots):
-                if s >= 0:
-                    rows.setdefault(s, []).append(i)
-            for s, idx in rows.items():
-                if idx[-1] - idx[0] + 1 == len(idx):
-                    self.groups.append((s, slice(idx[0], idx[-1] + 1)))
-                else:
-                    self.groups.append((s, torch.tensor(idx, device=device)))
+        self.runs: list[tuple[int, slice]] = []  # (slot, its tokens), when contiguous
+        self.masks: dict[int, torch.Tensor] = {}  # W -> [tokens, slots * W] 0/1 otherwise
+        if use_triton:
+            return
+        start = 0
+        for i in range(1, len(token_slots) + 1):
+            if i == len(token_slots) or token_slots[i] != token_slots[start]:
+                if token_slots[start] >= 0:
+                    self.runs.append((token_slots[start], slice(start, i)))
+                start = i
+        adapted = sum(r.stop - r.start for _, r in self.runs)
+        if (len(self.runs) <= GROUPED_MAX_RUNS
+                and adapted >= GROUPED_MIN_TOKENS_PER_RUN * len(self.runs)):
+            return
+        self.runs = []
+        idx = torch.tensor(token_slots)
+        one_hot = torch.zeros(len(token_slots), slots.max_loras + 1)
+        one_hot[torch.arange(len(token_slots)), idx] = 1.0  # -1: the spare last column
+        one_hot = one_hot[:, :slots.max_loras]
+        for w in set(slots.width.values()):
+            self.masks[w] = one_hot.repeat_interleave(w, dim=1).to(
+                device=device, dtype=slots.a["o"].dtype)
 
     def add(self, group: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += this step's LoRA deltas of `group` in `layer` (x: the group's input)."""
         a, b = self.stacks.a[group][layer], self.stacks.b[group][layer]
-        n = x.shape[0]
         if self.use_triton:
             from raysvc_kernels.ops import triton_lora_expand, triton_lora_shrink
 
+            w, n = self.stacks.width[group], x.shape[0]
             slots = self.token_slots[:n]
-            triton_lora_expand(triton_lora_shrink(x, a, slots), b, slots, out)
+            y = triton_lora_shrink(x, a.view(-1, w, a.shape[-1]), slots)
+            triton_lora_expand(y, b.view(b.shape[0], -1, w).transpose(0, 1), slots, out)
             return
-        for slot, rows in self.groups:
-            if isinstance(rows, slice):
-                out[rows] += (x[rows] @ a[slot].T) @ b[slot].T
-            else:
-                out.index_add_(0, rows, (x[rows] @ a[slot].T) @ b[slot].T)
+        w = self.stacks.width[group]
+        if self.runs:
+            for slot, rows in self.runs:
+                cols = slice(slot * w, (slot + 1) * w)
+                out[rows].addmm_(x[rows] @ a[cols].T, b[:, cols].T)
+            return
+        xa = x @ a.T
+        xa *= self.masks[w]
+        out.addmm_(xa, b.T)

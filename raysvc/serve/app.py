@@ -204,7 +204,8 @@ class OpenAIIngress:
                            vocab_size=facts["vocab_size"], max_n=a.max_n,
                            trust_request_chat_template=a.trust_request_chat_template,
                            limits=a.request_limits(),
-                           tool_parser=_tool_parser(a, tokenizer, facts["model_path"]))
+                           tool_parser=_tool_parser(a, tokenizer, facts["model_path"]),
+                           loras=dict(a.engine.get("lora_modules") or {}))
         self.allowed_origins = a.allowed_origins
         self.metrics_public, self.enable_docs = a.metrics_public, a.enable_fastapi_docs
         from raysvc.cluster.actors import actor

@@ -259,8 +259,11 @@ class OpenAIHandler:
             raise from_validation_error(e) from e
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.facts.name, root=self.facts.name,
-                                         max_model_len=self.facts.max_model_len)])
+        f = self.facts
+        return ModelList(data=[ModelCard(id=f.name, root=f.name, max_model_len=f.max_model_len),
+                               *(ModelCard(id=name, root=path, parent=f.name,
+                                           max_model_len=f.max_model_len)
+                                 for name, path in sorted(f.loras.items()))])
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         """Up while at least one worker is ready (starting or draining ones do not count)."""

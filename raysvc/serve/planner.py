@@ -34,6 +34,9 @@ class ModelFacts:
     trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
     tool_parser: str = "hermes"  # how this model writes tool calls (serve/tool_parsers.py)
     limits: RequestLimits = field(default_factory=lambda: RequestLimits())
+    # LoRA adapters served on this base model: the name a request's `model` gives -> its
+    # directory (`--lora-modules`)
+    loras: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -63,10 +66,16 @@ class Plan:
     tenant: str = ""  # the `user` field: fair shares among tenants under overload
 
 
-def check_model(requested: str | None, facts: ModelFacts) -> None:
-    if requested is not None and requested != facts.name:
-        raise APIError(404, f"The model `{requested}` does not exist; this server serves "
-                            f"`{facts.name}`", param="model", code="model_not_found")
+def check_model(requested: str | None, facts: ModelFacts) -> str | None:
+    """The LoRA adapter `requested` names (None: the base model); 404 in OpenAI's shape
+    for a model this server does not serve."""
+    if requested is None or requested == facts.name:
+        return None
+    if requested in facts.loras:
+        return requested
+    served = ", ".join(f"`{n}`" for n in [facts.name, *sorted(facts.loras)])
+    raise APIError(404, f"The model `{requested}` does not exist; this server serves "
+                        f"{served}", param="model", code="model_not_found")
 
 
 def completion_prompts(req: CompletionRequest, tokenizer, facts: ModelFacts) -> list[list[int]]:
@@ -219,6 +228,9 @@ def plan(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]
     constraint = structured_outputs(req, facts.limits.max_structured_output_bytes)
     if constraint is not None:
         params["structured_outputs"] = constraint
+    lora = check_model(req.model, facts)
+    if lora is not None:
+        params["lora_name"] = lora
     _check_engine_params(params)
     stops = req.stop_list()
     _check_costs(req, stops, facts.limits)

@@ -363,6 +363,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=_now)
     owned_by: str = "raysvc"
     root: str | None = None
+    parent: str | None = None  # vLLM's: the base model a LoRA adapter applies to
     max_model_len: int | None = None
 
 
