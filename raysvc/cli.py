@@ -158,6 +158,7 @@ def serve_args_from_cli(args: argparse.Namespace):
                      max_queued_requests=args.max_queued_requests,
                      tool_call_parser=args.tool_call_parser,
                      trust_request_chat_template=args.trust_request_chat_template,
+                     allow_runtime_lora_updating=args.allow_runtime_lora_updating,
                      allowed_origins=_origins(args.allowed_origins),
                      draft_workers=args.draft_workers,
                      draft_num_cpus=args.draft_cpus, draft_num_gpus=args.draft_gpus,
@@ -299,6 +300,9 @@ def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
                    help="Serve's proxy queue beyond those; further requests get 429")
     p.add_argument("--tool-call-parser", default="auto",
                    help="how the model writes tool calls: auto | hermes | llama3_json | mistral")
+    p.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's "
+                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING)")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests bring their own chat_template")
     p.add_argument("--allowed-origins", default='["*"]',

@@ -65,6 +65,12 @@ def _tokenizer():
 # -- leniency ---------------------------------------------------------------------------
 
 
+def test_runtime_lora_routes_are_off_unless_enabled(server):
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        status, body, _ = _post(server, path, {"lora_name": "x", "lora_path": "/tmp"})
+        assert status == 404, (path, body)
+
+
 def test_fields_openai_defines_are_accepted_and_numbers_coerced(server, client):
     r = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hi", "name": "ada"}],

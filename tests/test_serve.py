@@ -90,8 +90,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> Path:
-    """A random PEFT LoRA adapter of the built-in model, served as `tiny-sql`."""
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    """Random PEFT LoRA adapters of the built-in model: `tiny-sql` is served from the
+    start, `tiny-chat` is loaded at run time."""
     import torch
     from conftest import make_adapter
     from transformers import AutoModelForCausalLM
@@ -99,14 +100,18 @@ def adapter(tmp_path_factory) -> Path:
     from raysvc.engine.loading import resolve_model_path
 
     hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(None), dtype=torch.float32)
-    return make_adapter(hf, tmp_path_factory.mktemp("lora") / "sql", 8, 16,
-                        ["q_proj", "v_proj", "o_proj", "down_proj"], False, seed=1)
+    root = tmp_path_factory.mktemp("lora")
+    return {"tiny-sql": make_adapter(hf, root / "sql", 8, 16,
+                                     ["q_proj", "v_proj", "o_proj", "down_proj"], False, seed=1),
+            "tiny-chat": make_adapter(hf, root / "chat", 4, 8, ["k_proj", "gate_proj", "up_proj"],
+                                      True, seed=2)}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, adapter):
+def server(tmp_path_factory, adapters):
     srv = Server(tmp_path_factory.mktemp("serve"),
-                 more=("--lora-modules", f"tiny-sql={adapter}", "--max-loras", "2"))
+                 more=("--lora-modules", f"tiny-sql={adapters['tiny-sql']}", "--max-loras", "2",
+                       "--allow-runtime-lora-updating"))
     try:
         srv.wait_ready()
         yield srv
@@ -115,8 +120,9 @@ def server(tmp_path_factory, adapter):
 
 
 @pytest.fixture(scope="module")
-def llm(adapter):
-    return LLM(num_kv_blocks=256, enable_lora=True, lora_modules={"tiny-sql": str(adapter)})
+def llm(adapters):
+    return LLM(num_kv_blocks=256, enable_lora=True, max_loras=2,
+               lora_modules={name: str(path) for name, path in adapters.items()})
 
 
 @pytest.fixture
@@ -216,6 +222,56 @@ def test_lora_adapter_named_by_model_mixed_with_base_requests(server, client, ll
     assert e.value.code == "model_not_found" and "tiny-sql" in e.value.message
     (w,) = _wait_all_free(server)["workers"]
     assert w["loras"] == ["tiny-sql"]
+
+
+def _post_text(server, path: str, body: dict) -> tuple[int, str]:
+    async def main():
+        async with aiohttp.ClientSession() as s:
+            async with s.post(server.url + path, json=body,
+                              headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                return r.status, await r.text()
+
+    return asyncio.run(main())
+
+
+def test_lora_adapters_loaded_and_unloaded_at_run_time(server, client, llm, adapters,
+                                                       tmp_path):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: the adapter serves at
+    once (equal to the offline engine), is listed, then gone; bad loads name the cause."""
+    import openai
+
+    prompt = PROMPTS[1]
+    want = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12,
+                                                 lora_name="tiny-chat"))[0].outputs[0].text
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=4)
+    status, text = _post_text(server, "/v1/load_lora_adapter",
+                              {"lora_name": "tiny-chat", "lora_path": str(adapters["tiny-chat"])})
+    assert (status, text) == (200, "Success: LoRA adapter 'tiny-chat' added successfully.")
+    assert "tiny-chat" in [m.id for m in client.models.list().data]
+    out = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=12,
+                                    temperature=0)
+    assert out.choices[0].text == want
+    # taken names and bad directories: 400 naming the cause; nothing changes
+    status, text = _post_text(server, "/v1/load_lora_adapter",
+                              {"lora_name": "tiny-sql", "lora_path": str(adapters["tiny-chat"])})
+    assert status == 400 and "already been loaded" in text
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{}")
+    status, text = _post_text(server, "/v1/load_lora_adapter",
+                              {"lora_name": "broken", "lora_path": str(tmp_path / "broken")})
+    assert status == 400 and "adapter_model.safetensors is missing" in text
+    status, text = _post_text(server, "/v1/load_lora_adapter", {"lora_name": "x"})
+    assert status == 400 and "lora_path" in text
+
+    status, text = _post_text(server, "/v1/unload_lora_adapter", {"lora_name": "tiny-chat"})
+    assert (status, text) == (200, "Success: LoRA adapter 'tiny-chat' removed successfully.")
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-sql"]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=4)
+    status, text = _post_text(server, "/v1/unload_lora_adapter", {"lora_name": "tiny-chat"})
+    assert status == 404 and "cannot be found" in text
+    _wait_all_free(server)
 
 
 def test_completions_batch_of_prompts_and_token_ids(client, llm):

@@ -77,6 +77,7 @@ class WorkerLoad:
     healthy: bool = True
     request_ids: list[str] = field(default_factory=list)  # what it holds (the ledger's truth)
     loras: list[str] = field(default_factory=list)  # LoRA adapters loaded in its engine
+    lora_modules: dict[str, str] = field(default_factory=dict)  # adapters it knows -> dirs
 
     @classmethod
     def from_engine_stats(cls, stats: dict[str, Any], **extra: Any) -> WorkerLoad:

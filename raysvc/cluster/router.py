@@ -121,6 +121,11 @@ class Router:
         self.metrics = ClusterMetrics()
         self.pool: WorkerPool | None = None
         self.handed_over = 0  # requests drained workers handed to others at their deadline
+        # LoRA adapters requests may name, fleet-wide (-> directory): learnt from the workers'
+        # load reports (so a restarted router rebuilds it), changed by load/unload_lora
+        self.loras: dict[str, str] | None = None  # None until a worker reported
+        self._loras_removed: set[str] = set()  # unloaded: a worker still holding one drops it
+        self._lora_syncs: dict[tuple[str, str], asyncio.Task] = {}  # (worker, name) -> push
         self.rebalanced = 0  # requests not yet started moved from a busy worker to an idle one
         self._pool_args = (worker_spec, min_workers, max_workers or min_workers, autoscaling)
         if worker_spec is not None:  # refuse bad knobs at construction, not at start
@@ -669,6 +674,7 @@ class Router:
                 worker.load, worker.missed_reports = result, 0
                 worker.loras = set(result.loras)
                 self._reconcile(worker, result.request_ids)
+                self._sync_loras(worker, result.lora_modules)
             elif isinstance(result, TimeoutError):
                 # Busy, not dead (a first GPU step may compile kernels for minutes): its
                 # report is stale, its ledger still holds.
@@ -678,6 +684,76 @@ class Router:
                 logger.warning("router: worker %s failed its load report: %r",
                                worker.info.worker_id, result)
                 self.remove_worker(worker.info.worker_id)
+
+    # -- LoRA adapters -----------------------------------------------------------------
+
+    def lora_modules(self) -> dict[str, str] | None:
+        """The fleet's adapters (name -> directory); None before any worker reported."""
+        return None if self.loras is None else dict(self.loras)
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """Load an adapter on every worker (a worker that joins later gets it from its first
+        load report). ValueError if the name is taken or any worker refuses the directory
+        (then no worker keeps it)."""
+        if self.loras is not None and name in self.loras:
+            raise ValueError(f"The lora adapter '{name}' has already been loaded.")
+        workers = list(self._workers.values())
+        if not workers:
+            raise NoWorkers("no worker to load the adapter on yet")
+        results = await asyncio.gather(*(w.handle.add_lora.remote(name, path) for w in workers),
+                                       return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            for w, r in zip(workers, results, strict=True):
+                if not isinstance(r, BaseException):
+                    w.handle.remove_lora.remote(name)
+            cause = getattr(failed[0], "cause", failed[0])
+            raise ValueError(str(cause)) from None
+        self.loras = {**(self.loras or {}), name: path}
+        self._loras_removed.discard(name)
+
+    async def unload_lora(self, name: str) -> None:
+        """Stop serving an adapter (KeyError if unknown); requests running with it finish."""
+        if self.loras is None or name not in self.loras:
+            raise KeyError(name)
+        self.loras = {n: p for n, p in self.loras.items() if n != name}
+        self._loras_removed.add(name)
+        await asyncio.gather(*(w.handle.remove_lora.remote(name)
+                               for w in self._workers.values()), return_exceptions=True)
+
+    def _sync_loras(self, worker: WorkerEntry, held: dict[str, str]) -> None:
+        """Make a worker's adapters the fleet's: what it lacks is pushed to it, what was
+        unloaded is dropped there, and what nobody unloaded is adopted (a router rebuilding
+        after a restart, or adapters given at start-up)."""
+        if self.loras is None:
+            self.loras = {}
+        for name, path in held.items():
+            if name in self._loras_removed:
+                self._push_lora(worker, name, None)
+            elif name not in self.loras:
+                self.loras[name] = path
+        for name, path in self.loras.items():
+            if held.get(name) != path:
+                self._push_lora(worker, name, path)
+
+    def _push_lora(self, worker: WorkerEntry, name: str, path: str | None) -> None:
+        key = (worker.worker_id, name)
+        if key in self._lora_syncs:
+            return
+
+        async def push() -> None:
+            try:
+                if path is None:
+                    await worker.handle.remove_lora.remote(name)
+                else:
+                    await worker.handle.add_lora.remote(name, path)
+            except Exception as e:
+                logger.warning("router: syncing adapter %s on %s failed: %r", name,
+                               worker.worker_id, e)
+            finally:
+                self._lora_syncs.pop(key, None)
+
+        self._lora_syncs[key] = asyncio.create_task(push())
 
     async def stats(self) -> dict[str, Any]:
         self._ensure_rebuilding()

@@ -109,7 +109,8 @@ class LLMWorker:
         return WorkerLoad.from_engine_stats(
             stats, tokens_in_flight=sum(self._tokens.values()),
             requests_in_flight=len(self._tokens), healthy=self._problem() is None,
-            request_ids=list(self._tokens), loras=self.engine.engine.loaded_loras())
+            request_ids=list(self._tokens), loras=self.engine.engine.loaded_loras(),
+            lora_modules=self.engine.engine.lora_modules())
 
     def requests(self) -> list[tuple[str, int, int]]:
         """(request id, prompt tokens, samples) of every request here: a router rebuilding
@@ -206,6 +207,19 @@ class LLMWorker:
         results = await asyncio.gather(*(self.submit(channel_id, *item) for item in batch),
                                        return_exceptions=True)
         return [r if isinstance(r, BaseException) else None for r in results]
+
+    async def add_lora(self, name: str, path: str) -> None:
+        """Know (and load) an adapter at run time; ValueError naming the file if bad."""
+        from raysvc.models.lora import LoRARequest
+
+        await self.engine.add_lora(LoRARequest(name, 0, path))
+
+    async def remove_lora(self, name: str) -> None:
+        """New requests may no longer name it; running ones finish with it."""
+        try:
+            await self.engine.remove_lora(name)
+        except KeyError:
+            pass
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)

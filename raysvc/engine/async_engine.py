@@ -127,6 +127,13 @@ class AsyncEngine:
             out.finished = True
             queue.put_nowait(out)
 
+    async def add_lora(self, lora_request) -> None:
+        """`LLMEngine.add_lora` on the engine thread (between steps)."""
+        await self._call(self.engine.add_lora, lora_request)
+
+    async def remove_lora(self, lora_name: str) -> None:
+        await self._call(self.engine.remove_lora, lora_name)
+
     async def finish_sample(self, request_id: str, index: int, reason: str = "stop",
                             stop_reason: int | str | None = None) -> None:
         """End one sample of an n > 1 request; its stream gets the update (and closes when

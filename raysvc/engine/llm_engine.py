@@ -176,8 +176,8 @@ class LLMEngine:
         if self.loras is None:
             raise ValueError(f"lora_request: adapter {lora_request.lora_name!r} needs an "
                              f"engine started with enable_lora=True")
-        if lora_request.lora_name not in self.loras.paths:
-            self.loras.add(lora_request.lora_name, lora_request.lora_path)
+        if self.loras.paths.get(lora_request.lora_name) != str(lora_request.lora_path):
+            self.loras.add(lora_request.lora_name, lora_request.lora_path, replace=True)
 
     def remove_lora(self, lora_name: str) -> None:
         """Forget an adapter (KeyError if unknown): new requests may no longer name it;
@@ -189,6 +189,10 @@ class LLMEngine:
     def loaded_loras(self) -> list[str]:
         """The adapters in host memory now (safe to read from another thread)."""
         return list(self.loras.names) if self.loras is not None else []
+
+    def lora_modules(self) -> dict[str, str]:
+        """Every adapter requests may name, -> its directory (safe from another thread)."""
+        return dict(self.loras.known) if self.loras is not None else {}
 
     def _forget(self, request: Request) -> None:
         """The request is over: it no longer holds its adapter."""

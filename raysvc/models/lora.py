@@ -172,18 +172,22 @@ class LoRARegistry:
         self.in_use: dict[str, int] = {}  # adapter -> live requests naming it
         self.num_loads = 0
         self.names: tuple[str, ...] = ()  # `loaded`'s keys, for readers on other threads
+        self.known: dict[str, str] = {}  # a copy of `paths`, replaced (never mutated) on change
         for name, path in (modules or {}).items():
             self.add(name, path)
 
-    def add(self, name: str, path: str, load: bool = True) -> LoRAAdapter | None:
-        """Register `name` (checking the directory now, so a bad one fails here)."""
+    def add(self, name: str, path: str, replace: bool = False) -> LoRAAdapter:
+        """Register and load `name` (a bad directory fails here, changing nothing). With
+        `replace`, a name known from another directory now means this one (its running
+        requests keep the adapter they started with)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"lora_name: expected a non-empty string, got {name!r}")
         known = self.paths.get(name)
-        if known is not None and known != str(path):
+        if known is not None and known != str(path) and not replace:
             raise ValueError(f"lora_name: {name!r} is already loaded from {known!r}")
-        adapter = self._load(name, str(path)) if load else None
+        adapter = self._load(name, str(path))
         self.paths[name] = str(path)
+        self.known = dict(self.paths)
         return adapter
 
     def remove(self, name: str) -> None:
@@ -191,6 +195,7 @@ class LoRARegistry:
         if name not in self.paths:
             raise KeyError(name)
         del self.paths[name]
+        self.known = dict(self.paths)
         self._evict()
 
     def acquire(self, name: str) -> LoRAAdapter:

@@ -216,6 +216,10 @@ class OpenAIIngress:
                                block_size=facts.get("block_size"))
         self.server = OpenAIHandler(tokenizer, model, client, api_key=a.resolved_api_key(),
                                     max_body_bytes=a.max_body_bytes)
+        if a.allow_runtime_lora_updating:
+            from raysvc.serve.lora_admin import LoRAAdmin
+
+            self.server.lora_admin = LoRAAdmin(model, client)
 
     def __serve_build_asgi_app__(self):
         from raysvc.serve.http_api import build_api

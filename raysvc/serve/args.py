@@ -57,6 +57,9 @@ class ServeArgs(BaseModel):
     # or vLLM's --tool-call-parser names: hermes, llama3_json, mistral
     tool_call_parser: str = "auto"
     trust_request_chat_template: bool = False  # vLLM's: requests may bring chat_template
+    # /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's, behind its
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING): callers may make workers read a directory
+    allow_runtime_lora_updating: bool = False
     allowed_origins: list[str] = Field(default_factory=lambda: ["*"])  # CORS, as vLLM's
     # two by default: one replica's death then cuts only its own connections
     ingress_replicas: int = Field(2, ge=1)
@@ -92,6 +95,13 @@ class ServeArgs(BaseModel):
 
         EngineConfig.from_kwargs(**{k: x for k, x in v.items() if k != "model"})
         return v
+
+    @model_validator(mode="after")
+    def _runtime_loras_need_lora(self) -> ServeArgs:
+        if self.allow_runtime_lora_updating and not self.engine.get("enable_lora"):
+            raise ValueError("allow_runtime_lora_updating: needs engine.enable_lora (serve "
+                             "with --enable-lora)")
+        return self
 
     @field_validator("tool_call_parser")
     @classmethod

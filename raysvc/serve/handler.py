@@ -77,6 +77,7 @@ class OpenAIHandler:
         self.max_body_bytes = max_body_bytes
         self.disconnect_poll_s = disconnect_poll_s
         self.metrics = RequestMetrics(facts.name)
+        self.lora_admin = None  # a LoRAAdmin where adapters may change while serving
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}{uuid.uuid4().hex[:6]}"
 
@@ -217,7 +218,7 @@ class OpenAIHandler:
             TokenizeResponse,
         )
 
-        req = self._parse(TokenizeRequest, body)
+        req = self.parse(TokenizeRequest, body)
         planner.check_model(req.model, self.facts)
         if req.messages is not None:
             try:
@@ -241,7 +242,7 @@ class OpenAIHandler:
     def detokenize(self, body: bytes) -> dict:
         from raysvc.serve.schema import DetokenizeRequest, DetokenizeResponse
 
-        req = self._parse(DetokenizeRequest, body)
+        req = self.parse(DetokenizeRequest, body)
         planner.check_model(req.model, self.facts)
         bad = [t for t in req.tokens if not 0 <= t < self.facts.vocab_size]
         if bad:
@@ -249,7 +250,7 @@ class OpenAIHandler:
                               f"[0, {self.facts.vocab_size})", param="tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens)).model_dump()
 
-    def _parse(self, model, body: bytes):
+    def parse(self, model, body: bytes):
         try:
             return model.model_validate_json(body.decode("utf-8"))
         except UnicodeDecodeError as e:

@@ -15,7 +15,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raysvc.serve.errors import APIError
@@ -123,6 +123,8 @@ def build_api(server: OpenAIHandler, allowed_origins: list[str] | None = None, *
     async def generate(request: Request, chat: bool) -> Response:
         authorize(request)
         body = await read_body(request, server.max_body_bytes)
+        if server.lora_admin is not None:  # adapters loaded elsewhere meanwhile
+            await server.lora_admin.refresh()
         # parsing, chat template, tokenization and grammar checks cost with the request:
         # off this event loop, which every other stream of this replica shares
         result = await asyncio.to_thread(server.start, body, chat)
@@ -156,7 +158,26 @@ def build_api(server: OpenAIHandler, allowed_origins: list[str] | None = None, *
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         authorize(request)
+        if server.lora_admin is not None:
+            await server.lora_admin.refresh()
         return JSONResponse(server.models().model_dump())
+
+    if server.lora_admin is not None:
+        from raysvc.serve.schema import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(request: Request) -> Response:
+            authorize(request)
+            body = await read_body(request, server.max_body_bytes)
+            req = server.parse(LoadLoRAAdapterRequest, body)
+            return PlainTextResponse(await server.lora_admin.load(req))
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(request: Request) -> Response:
+            authorize(request)
+            body = await read_body(request, server.max_body_bytes)
+            req = server.parse(UnloadLoRAAdapterRequest, body)
+            return PlainTextResponse(await server.lora_admin.unload(req))
 
     @app.get("/health")
     async def health() -> JSONResponse:

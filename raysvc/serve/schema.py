@@ -422,3 +422,15 @@ class DetokenizeRequest(_Request):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# -- vLLM's runtime LoRA routes ------------------------------------------------------------
+
+
+class LoadLoRAAdapterRequest(_Request):
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    lora_name: str = Field(min_length=1, max_length=256)
