@@ -36,7 +36,7 @@ def _shrink_kernel(x_ptr, a_ptr, slots_ptr, y_ptr, K, R,
 
 @triton.jit
 def _expand_kernel(y_ptr, b_ptr, slots_ptr, out_ptr, N, R,
-                   stride_yt, stride_bs, stride_bn, stride_ot,
+                   stride_yt, stride_bs, stride_bn, stride_br, stride_ot,
                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -44,7 +44,7 @@ def _expand_kernel(y_ptr, b_ptr, slots_ptr, out_ptr, N, R,
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         r = tl.arange(0, BLOCK_R)
         y = tl.load(y_ptr + t * stride_yt + r, mask=r < R, other=0.0)
-        b = tl.load(b_ptr + slot * stride_bs + n[:, None] * stride_bn + r[None, :],
+        b = tl.load(b_ptr + slot * stride_bs + n[:, None] * stride_bn + r[None, :] * stride_br,
                     mask=(n[:, None] < N) & (r[None, :] < R), other=0.0).to(tl.float32)
         delta = tl.sum(b * y[None, :], axis=1)
         mask = n < N
@@ -68,12 +68,14 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.
 
 def lora_expand(y: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
                 out: torch.Tensor) -> None:
-    """out[t] += b[slots[t]] @ y[t] where slots[t] >= 0, in place."""
+    """out[t] += b[slots[t]] @ y[t] where slots[t] >= 0, in place. `b` may be a strided
+    view (the engine passes its transposed stack)."""
     T, R = y.shape
     N = b.shape[1]
-    assert out.stride(1) == 1 and b.stride(2) == 1  # b may be a strided view
+    assert out.stride(1) == 1
     if T:
         block_n = 64
         _expand_kernel[(T, triton.cdiv(N, block_n))](
-            y, b, slots, out, N, R, y.stride(0), b.stride(0), b.stride(1), out.stride(0),
+            y, b, slots, out, N, R, y.stride(0), b.stride(0), b.stride(1), b.stride(2),
+            out.stride(0),
             BLOCK_R=next_pow2(R), BLOCK_N=block_n)

@@ -448,4 +448,7 @@ def test_lora_shrink_expand_match_the_float64_twin(dtype) -> None:
     assert torch.equal(got[~valid], out[~valid])  # base rows untouched
     twin = out.clone()
     torch_ref.lora_expand(torch_ref.lora_shrink(x, a, slots), b, slots, twin)
+    strided = out.clone()  # B as the engine stores it: transposed, viewed back
+    tlora.lora_expand(y, b.transpose(1, 2).contiguous().transpose(1, 2), slots, strided)
+    torch.testing.assert_close(strided.double(), ref, **TOL[dtype])
     torch.testing.assert_close(twin.double(), ref, **TOL[dtype])

@@ -51,10 +51,26 @@ def write_adapter(path: Path, model_dir: str, rank: int, seed: int) -> Path:
     return path
 
 
+def random_llama(path: Path, hidden: int) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    heads = hidden // 64
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                         num_hidden_layers=6, num_attention_heads=heads,
+                         num_key_value_heads=max(heads // 2, 1), vocab_size=8192,
+                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="raysvc bench lora", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory (default: built-in)")
+    p.add_argument("--hidden-size", type=int, default=None,
+                   help="instead: a random Llama of this width (6 layers, head_dim 64, bf16), "
+                        "built here")
     p.add_argument("--adapters", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--batch", type=int, default=32, help="requests per run")
@@ -72,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     from raysvc import LLM, SamplingParams
     from raysvc.engine.loading import resolve_model_path
 
-    model = str(resolve_model_path(args.model))
     tmp = Path(tempfile.mkdtemp(prefix="raysvc-bench-lora-"))
+    if args.hidden_size:
+        model = random_llama(tmp / "model", args.hidden_size)
+    else:
+        model = str(resolve_model_path(args.model))
     loras = {f"lora-{i}": str(write_adapter(tmp / f"lora-{i}", model, args.rank, seed=i))
              for i in range(args.adapters)}
     common = dict(dtype=args.dtype, device=args.device, max_num_seqs=args.batch,

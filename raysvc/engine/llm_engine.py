@@ -343,8 +343,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
-        if self.loras is not None:  # each adapter's rows together: one slice per adapter
-            batch.scheduled.sort(key=lambda s: id(s.seq.request.lora or self))
+        if self.loras is not None:
+            self.runner.order_by_adapter(batch)
 
         step = self.runner.prepare(batch)
         plan = step.logits

@@ -74,6 +74,17 @@ class ModelRunner:
                                     self._lora_batch(step.batch))
         return self.model.compute_logits(hidden[indices])
 
+    def order_by_adapter(self, batch: SchedulerOutput) -> None:
+        """Put the step's adapters in slots and its rows in slot order (base rows first):
+        each adapter's tokens then form one run, and the step's slots mostly a range
+        (`LoRABatch` slices instead of gathering). Rows may come in any order: the step's
+        plan follows `batch.scheduled`."""
+        adapters = self._adapters(batch)
+        if adapters:
+            slot_of = self.lora_slots.activate(list(adapters.values()))
+            batch.scheduled.sort(key=lambda s: -1 if s.seq.request.lora is None
+                                 else slot_of[id(s.seq.request.lora)])
+
     def _lora_batch(self, batch: SchedulerOutput) -> LoRABatch | None:
         """The step's adapters in slots, and each token's slot; None without adapters."""
         adapters = self._adapters(batch)

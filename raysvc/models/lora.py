@@ -242,16 +242,16 @@ class LoRARegistry:
 class LoRASlots:
     """The device-side stacks of the adapters a step may use (`max_loras` slots).
 
-    Per group and layer, A is [slots * W, in] and B is [out, slots * W] (W = G * rank,
-    slot s owning columns s*W .. s*W + W - 1), so a step's shrink for every adapter at once
-    is one matmul, and the expand one more."""
+    Per group and layer, A is [slots * W, in] and B is stored transposed, [slots * W, out]
+    (W = G * rank; slot s owns rows s*W .. s*W + W - 1 of both), so one slot's A and B,
+    or a range of slots', are plain views."""
 
     def __init__(self, config: ModelConfig, max_loras: int, max_lora_rank: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         shapes = module_shapes(config)
         self.max_loras, self.rank = max_loras, max_lora_rank
         self.a: dict[str, torch.Tensor] = {}  # group -> [layers, slots * W, in]
-        self.b: dict[str, torch.Tensor] = {}  # group -> [layers, out, slots * W]
+        self.bt: dict[str, torch.Tensor] = {}  # group -> [layers, slots * W, out]
         self.width: dict[str, int] = {}  # group -> W
         L = config.num_layers
         for group, modules in GROUPS.items():
@@ -259,7 +259,8 @@ class LoRASlots:
             fan_out = sum(shapes[m][1] for m in modules)
             width = self.width[group] = len(modules) * max_lora_rank
             self.a[group] = torch.zeros(L, max_loras * width, fan_in, dtype=dtype, device=device)
-            self.b[group] = torch.zeros(L, fan_out, max_loras * width, dtype=dtype, device=device)
+            self.bt[group] = torch.zeros(L, max_loras * width, fan_out, dtype=dtype,
+                                         device=device)
         self._offsets = {g: [0] + [sum(shapes[m][1] for m in ms[:i + 1]) for i in range(len(ms))]
                          for g, ms in GROUPS.items()}
         self.slots: OrderedDict[int, int] = OrderedDict()  # id(adapter) -> slot, LRU first
@@ -279,7 +280,8 @@ class LoRASlots:
             if not self._free:
                 victim = next(k for k in self.slots if k not in wanted)
                 self._free.append(self.slots.pop(victim))
-            slot = self._free.pop()
+            slot = min(self._free)  # low slots first: a step's slots tend to be a range
+            self._free.remove(slot)
             self._write(slot, adapter)
             self.slots[key] = slot
             self._held[slot] = adapter  # (keeps it alive: its id is not reused meanwhile)
@@ -291,9 +293,9 @@ class LoRASlots:
         for group, modules in GROUPS.items():
             w = self.width[group]
             a = self.a[group][:, slot * w:(slot + 1) * w]
-            b = self.b[group][:, :, slot * w:(slot + 1) * w]
+            bt = self.bt[group][:, slot * w:(slot + 1) * w]
             a.zero_()
-            b.zero_()
+            bt.zero_()
             offsets = self._offsets[group]
             for j, module in enumerate(modules):
                 for layer in range(a.shape[0]):
@@ -303,74 +305,87 @@ class LoRASlots:
                     lora_a, lora_b = ab
                     rank = lora_a.shape[0]
                     a[layer, j * r: j * r + rank].copy_(lora_a)
-                    b[layer, offsets[j]: offsets[j + 1], j * r: j * r + rank].copy_(lora_b)
+                    bt[layer, j * r: j * r + rank, offsets[j]: offsets[j + 1]].copy_(lora_b.T)
 
 
 # The slice form when the step's adapter runs are few and long (prefill chunks): each
-# small matmul has a fixed cost (~20 us on a CPU core in bf16) that decode-sized runs
-# of a few tokens do not amortize; the masked form pays it 3 times per linear, not 2 per run.
-GROUPED_MAX_RUNS = 8
-GROUPED_MIN_TOKENS_PER_RUN = 32
+# small matmul has a fixed cost (~20 us on a CPU core in bf16) that decode-sized runs of
+# a few tokens do not amortize; the padded form pays it twice per linear, not per run.
+SLICED_MAX_RUNS = 8
+SLICED_MIN_TOKENS_PER_RUN = 32
 
 
 class LoRABatch:
     """One step's adapters: which slot each token uses (-1: the base model alone).
 
-    The torch path (CPU) has two forms. The engine orders a step's rows by adapter, so
-    each adapter's tokens are one contiguous run: when the runs are long (prefill), each
-    is multiplied by its own slot's A and B on a slice (two ops per adapter, no wasted
-    FLOPs). Otherwise (decode: a few tokens per adapter) every token is multiplied by
-    every slot's A at once, the columns of the slots it does not use zeroed, and expanded
-    with every slot's B: three ops per fused linear whatever the number of adapters, at
-    max_loras times the rank FLOPs.
-    The Triton path (CUDA) runs one kernel pair for the step, each token reading only its
-    own slot's weights."""
+    The torch path (CPU) has two forms, both computing only each token's own adapter.
+    When the step's adapter runs are few and long (prefill), each run is multiplied by its
+    slot's A and B on a slice (two ops per adapter). Otherwise (decode: a few tokens per
+    adapter) the adapters' tokens are gathered into one padded [adapters, longest, in]
+    batch and multiplied by their A and B stacks with two batched matmuls, then added back
+    in place: five ops per fused linear whatever the number of adapters. The engine orders
+    a step's rows by slot, so a run is contiguous and the slots a range (their stacks
+    then views). The Triton path (CUDA) runs one kernel pair for the step, each token
+    reading its own slot's weights."""
 
     def __init__(self, slots: LoRASlots, token_slots: list[int], device: torch.device,
                  use_triton: bool) -> None:
         self.stacks = slots
         self.use_triton = use_triton
         self.token_slots = torch.tensor(token_slots, dtype=torch.int32).to(device)
-        self.runs: list[tuple[int, slice]] = []  # (slot, its tokens), when contiguous
-        self.masks: dict[int, torch.Tensor] = {}  # W -> [tokens, slots * W] 0/1 otherwise
         if use_triton:
             return
-        start = 0
-        for i in range(1, len(token_slots) + 1):
-            if i == len(token_slots) or token_slots[i] != token_slots[start]:
-                if token_slots[start] >= 0:
-                    self.runs.append((token_slots[start], slice(start, i)))
-                start = i
-        adapted = sum(r.stop - r.start for _, r in self.runs)
-        if (len(self.runs) <= GROUPED_MAX_RUNS
-                and adapted >= GROUPED_MIN_TOKENS_PER_RUN * len(self.runs)):
+        rows: dict[int, list[int]] = {}
+        for i, s in enumerate(token_slots):
+            if s >= 0:
+                rows.setdefault(s, []).append(i)
+        self.runs: list[tuple[int, slice]] = []  # (slot, its tokens): the sliced form
+        contiguous = all(r[-1] - r[0] + 1 == len(r) for r in rows.values())
+        if (contiguous and len(rows) <= SLICED_MAX_RUNS
+                and all(len(r) >= SLICED_MIN_TOKENS_PER_RUN for r in rows.values())):
+            self.runs = [(s, slice(r[0], r[-1] + 1)) for s, r in sorted(rows.items())]
             return
-        self.runs = []
-        idx = torch.tensor(token_slots)
-        one_hot = torch.zeros(len(token_slots), slots.max_loras + 1)
-        one_hot[torch.arange(len(token_slots)), idx] = 1.0  # -1: the spare last column
-        one_hot = one_hot[:, :slots.max_loras]
-        for w in set(slots.width.values()):
-            self.masks[w] = one_hot.repeat_interleave(w, dim=1).to(
-                device=device, dtype=slots.a["o"].dtype)
+        # the padded form: adapter k's tokens at rows k*longest .. of the gathered batch
+        order = sorted(rows)
+        longest = max(len(r) for r in rows.values())
+        gather, valid, targets = [], [], []
+        for k, s in enumerate(order):
+            r = rows[s]
+            gather += r + [r[0]] * (longest - len(r))
+            valid += range(k * longest, k * longest + len(r))
+            targets += r
+        self.num, self.longest = len(order), longest
+        self.gather = torch.tensor(gather, device=device)
+        self.valid = None if len(valid) == len(gather) else torch.tensor(valid, device=device)
+        self.targets = torch.tensor(targets, device=device)
+        lo = order[0]
+        self.slot_range = slice(lo, lo + len(order)) if order == list(
+            range(lo, lo + len(order))) else None
+        self.slot_index = torch.tensor(order, device=device)
 
     def add(self, group: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += this step's LoRA deltas of `group` in `layer` (x: the group's input)."""
-        a, b = self.stacks.a[group][layer], self.stacks.b[group][layer]
+        w = self.stacks.width[group]
+        a, bt = self.stacks.a[group][layer], self.stacks.bt[group][layer]
         if self.use_triton:
             from raysvc_kernels.ops import triton_lora_expand, triton_lora_shrink
 
-            w, n = self.stacks.width[group], x.shape[0]
-            slots = self.token_slots[:n]
+            slots = self.token_slots[:x.shape[0]]
             y = triton_lora_shrink(x, a.view(-1, w, a.shape[-1]), slots)
-            triton_lora_expand(y, b.view(b.shape[0], -1, w).transpose(0, 1), slots, out)
+            triton_lora_expand(y, bt.view(-1, w, bt.shape[-1]).transpose(1, 2), slots, out)
             return
-        w = self.stacks.width[group]
         if self.runs:
             for slot, rows in self.runs:
                 cols = slice(slot * w, (slot + 1) * w)
-                out[rows].addmm_(x[rows] @ a[cols].T, b[:, cols].T)
+                out[rows].addmm_(x[rows] @ a[cols].T, bt[cols])
             return
-        xa = x @ a.T
-        xa *= self.masks[w]
-        out.addmm_(xa, b.T)
+        a3, bt3 = a.view(-1, w, a.shape[-1]), bt.view(-1, w, bt.shape[-1])
+        if self.slot_range is not None:
+            a3, bt3 = a3[self.slot_range], bt3[self.slot_range]
+        else:
+            a3, bt3 = a3[self.slot_index], bt3[self.slot_index]
+        xp = x.index_select(0, self.gather).view(self.num, self.longest, -1)
+        d = torch.bmm(torch.bmm(xp, a3.transpose(1, 2)), bt3).view(-1, out.shape[-1])
+        if self.valid is not None:
+            d = d.index_select(0, self.valid)
+        out.index_add_(0, self.targets, d)
