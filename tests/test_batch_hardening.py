@@ -173,3 +173,44 @@ def test_a_damaged_middle_line_is_named(tmp_path):
                                         '{"custom_id": "c"}\n')
     with pytest.raises(ValueError, match=r"out.jsonl:2: not an output line"):
         OutputFile(tmp_path / "out.jsonl").open(meta, overwrite=False)
+
+
+def test_rows_name_lora_adapters_in_model(no_exit, tmp_path):
+    """A batch row's `model` picks a LoRA adapter, as over HTTP; an unknown one is that
+    row's 404 line; every row is the offline engine's answer with its adapter."""
+    import torch
+    from conftest import make_adapter
+    from transformers import AutoModelForCausalLM
+
+    from raysvc import LLM, SamplingParams
+    from raysvc.engine.loading import resolve_model_path
+
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(None), dtype=torch.float32)
+    adapter = str(make_adapter(hf, tmp_path / "sql", 8, 16, ["q_proj", "v_proj"], False, 4))
+    engine = {**ENGINE, "enable_lora": True, "lora_modules": {"tiny-sql": adapter}}
+    lines = [json.dumps({"custom_id": f"{model}-{i}", "method": "POST",
+                         "url": "/v1/completions",
+                         "body": {"model": model, "prompt": f"The set type {i}",
+                                  "max_tokens": 6, "temperature": 0, "ignore_eos": True}})
+             for model in ("tiny", "tiny-sql", "nope") for i in range(2)]
+    parts, exited = _run(EngineStage(None, engine, "tiny", mode="openai", torch_threads=1),
+                         lines)
+    rows = {c: (s, json.loads(o)) for p in parts
+            for c, s, o in zip(p["custom_id"], p["status_code"], p["output"], strict=True)}
+    assert not exited and len(rows) == 6
+    llm = LLM(**{k: v for k, v in engine.items() if k != "num_kv_blocks"})
+    for model, lora in (("tiny", None), ("tiny-sql", "tiny-sql")):
+        expected = llm.generate([f"The set type {i}" for i in range(2)], SamplingParams(
+            max_tokens=6, temperature=0, ignore_eos=True, lora_name=lora))
+        for i in range(2):
+            status, out = rows[f"{model}-{i}"]
+            assert status == 200
+            assert out["response"]["body"]["choices"][0]["text"] == \
+                expected[i].outputs[0].text
+    texts = {c: o["response"]["body"]["choices"][0]["text"] for c, (s, o) in rows.items()
+             if s == 200}
+    assert any(texts[f"tiny-{i}"] != texts[f"tiny-sql-{i}"] for i in range(2))
+    for i in range(2):
+        status, out = rows[f"nope-{i}"]
+        assert status == 404
+        assert out["response"]["body"]["error"]["code"] == "model_not_found"

@@ -129,3 +129,18 @@ def test_serve_config_file_with_a_bad_range_is_refused():
     with pytest.raises(Exception, match="min_workers"):
         call_user_app_builder_with_args_if_necessary(build_app,
                                                      {"min_workers": 4, "max_workers": 2})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-modules", "sql"], "--lora-modules: 'sql' is not NAME=DIR"),
+    (["--lora-modules", "a=/x", "a=/y"], "'a' is given twice"),
+    (["--lora-modules", "sql=/nonexistent/adapter"], "is not a directory"),
+    (["--lora-modules", '{"name": "sql"}'], '{"name": NAME, "path": DIR}'),
+    (["--max-loras", "0", "--enable-lora"], "max_loras"),
+    (["--allow-runtime-lora-updating"], "allow_runtime_lora_updating"),
+])
+def test_cli_serve_rejects_bad_lora_flags(flags, message):
+    """Refused before anything starts, naming the flag or the adapter's file."""
+    out = subprocess.run([sys.executable, "-m", "raysvc.cli", "serve", *flags],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
