@@ -91,8 +91,8 @@ class LLMEngine:
             self.loras = LoRARegistry(mc, config.max_lora_rank,
                                       config.max_cpu_loras or config.max_loras, self.dtype,
                                       config.lora_modules)
-            self.runner.lora_slots = LoRASlots(mc, config.max_loras, config.max_lora_rank,
-                                               self.dtype, self.device)
+            self.runner.lora_slots = LoRASlots(mc, model.layers, config.max_loras,
+                                               config.max_lora_rank, self.dtype, self.device)
         if self.runner.backend.name == "triton" and self.device.type == "cuda":
             warm_up(self.runner, self.block_manager,
                     min(config.max_num_batched_tokens, self.max_model_len))

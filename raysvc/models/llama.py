@@ -88,9 +88,10 @@ class LlamaModel:
                                                             strict=True)):
             residual = h
             x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
-            if lora is not None:
-                lora.add("qkv", i, x, qkv)
+            if lora is None:
+                qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
+            else:
+                qkv = lora.linear("qkv", i, x, layer.qkv_w, layer.qkv_b)
             q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
             q = q.view(-1, c.num_heads, c.head_dim)
             k = k.view(-1, c.num_kv_heads, c.head_dim)
@@ -102,21 +103,24 @@ class LlamaModel:
             backend.store_kv(k, v, k_cache, v_cache, meta)
             o = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)
             o = o.reshape(-1, self._q_size)
-            out = F.linear(o, layer.o_w, layer.o_b)
-            if lora is not None:
-                lora.add("o", i, o, out)
+            if lora is None:
+                out = F.linear(o, layer.o_w, layer.o_b)
+            else:
+                out = lora.linear("o", i, o, layer.o_w, layer.o_b)
             h = residual + out
 
             residual = h
             x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
-            gate_up = F.linear(x, layer.gate_up_w, layer.gate_up_b)
-            if lora is not None:
-                lora.add("gate_up", i, x, gate_up)
+            if lora is None:
+                gate_up = F.linear(x, layer.gate_up_w, layer.gate_up_b)
+            else:
+                gate_up = lora.linear("gate_up", i, x, layer.gate_up_w, layer.gate_up_b)
             gate, up = gate_up.chunk(2, dim=-1)
             x = F.silu(gate) * up
-            out = F.linear(x, layer.down_w, layer.down_b)
-            if lora is not None:
-                lora.add("down", i, x, out)
+            if lora is None:
+                out = F.linear(x, layer.down_w, layer.down_b)
+            else:
+                out = lora.linear("down", i, x, layer.down_w, layer.down_b)
             h = residual + out
         return rms_norm(h, self.final_norm, c.rms_norm_eps)
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from raysvc.models.config import ModelConfig
 
@@ -239,27 +240,48 @@ class LoRARegistry:
         self.names = tuple(self.loaded)
 
 
+# the model's fused weights each group extends: (weight, bias) attribute names of a layer
+LAYER_WEIGHTS = {"qkv": ("qkv_w", "qkv_b"), "o": ("o_w", "o_b"),
+                 "gate_up": ("gate_up_w", "gate_up_b"), "down": ("down_w", "down_b")}
+
+
 class LoRASlots:
     """The device-side stacks of the adapters a step may use (`max_loras` slots).
 
-    Per group and layer, A is [slots * W, in] and B is stored transposed, [slots * W, out]
-    (W = G * rank; slot s owns rows s*W .. s*W + W - 1 of both), so one slot's A and B,
-    or a range of slots', are plain views."""
+    Per group and layer, A is [slots * W, in] (W = G * rank; slot s owns rows s*W ..
+    s*W + W - 1) and B is stored transposed, [slots * W, out], so one slot's A and B, or a
+    range of slots', are plain views. A lives right under the base weight in one tensor,
+    `ext` = [W_base; A]: a decode step multiplies x by `ext` once and gets the base output
+    and every slot's shrink together (the shrink rides on the base matmul instead of
+    costing a call of its own); the layer's weight becomes a view of `ext`'s top rows,
+    so steps without adapters run exactly as before."""
 
-    def __init__(self, config: ModelConfig, max_loras: int, max_lora_rank: int,
+    def __init__(self, config: ModelConfig, layers: list, max_loras: int, max_lora_rank: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         shapes = module_shapes(config)
         self.max_loras, self.rank = max_loras, max_lora_rank
-        self.a: dict[str, torch.Tensor] = {}  # group -> [layers, slots * W, in]
-        self.bt: dict[str, torch.Tensor] = {}  # group -> [layers, slots * W, out]
+        self.ext: dict[str, list[torch.Tensor]] = {}  # group -> per layer [out + S*W, in]
+        self.ext_bias: dict[str, list[torch.Tensor | None]] = {}  # [out + S*W] or None
+        self.a: dict[str, list[torch.Tensor]] = {}  # group -> per layer [S*W, in] (in ext)
+        self.bt: dict[str, torch.Tensor] = {}  # group -> [layers, S*W, out]
         self.width: dict[str, int] = {}  # group -> W
-        L = config.num_layers
         for group, modules in GROUPS.items():
             fan_in = shapes[modules[0]][0]
             fan_out = sum(shapes[m][1] for m in modules)
             width = self.width[group] = len(modules) * max_lora_rank
-            self.a[group] = torch.zeros(L, max_loras * width, fan_in, dtype=dtype, device=device)
-            self.bt[group] = torch.zeros(L, max_loras * width, fan_out, dtype=dtype,
+            w_name, b_name = LAYER_WEIGHTS[group]
+            self.ext[group], self.ext_bias[group], self.a[group] = [], [], []
+            for layer in layers:
+                ext = torch.zeros(fan_out + max_loras * width, fan_in, dtype=dtype,
+                                  device=device)
+                ext[:fan_out].copy_(getattr(layer, w_name))
+                setattr(layer, w_name, ext[:fan_out])  # re-homed: same values, same shape
+                bias = getattr(layer, b_name)
+                self.ext[group].append(ext)
+                self.a[group].append(ext[fan_out:])
+                self.ext_bias[group].append(None if bias is None else torch.cat(
+                    [bias, bias.new_zeros(max_loras * width)]))
+            self.bt[group] = torch.zeros(len(layers), max_loras * width, fan_out, dtype=dtype,
                                          device=device)
         self._offsets = {g: [0] + [sum(shapes[m][1] for m in ms[:i + 1]) for i in range(len(ms))]
                          for g, ms in GROUPS.items()}
@@ -292,25 +314,25 @@ class LoRASlots:
         self.num_writes += 1
         for group, modules in GROUPS.items():
             w = self.width[group]
-            a = self.a[group][:, slot * w:(slot + 1) * w]
-            bt = self.bt[group][:, slot * w:(slot + 1) * w]
-            a.zero_()
-            bt.zero_()
             offsets = self._offsets[group]
-            for j, module in enumerate(modules):
-                for layer in range(a.shape[0]):
+            for layer in range(len(self.a[group])):
+                a = self.a[group][layer][slot * w:(slot + 1) * w]
+                bt = self.bt[group][layer, slot * w:(slot + 1) * w]
+                a.zero_()
+                bt.zero_()
+                for j, module in enumerate(modules):
                     ab = adapter.weights.get((layer, module))
                     if ab is None:
                         continue
                     lora_a, lora_b = ab
                     rank = lora_a.shape[0]
-                    a[layer, j * r: j * r + rank].copy_(lora_a)
-                    bt[layer, j * r: j * r + rank, offsets[j]: offsets[j + 1]].copy_(lora_b.T)
+                    a[j * r: j * r + rank].copy_(lora_a)
+                    bt[j * r: j * r + rank, offsets[j]: offsets[j + 1]].copy_(lora_b.T)
 
 
 # The slice form when the step's adapter runs are few and long (prefill chunks): each
 # small matmul has a fixed cost (~20 us on a CPU core in bf16) that decode-sized runs of
-# a few tokens do not amortize; the padded form pays it twice per linear, not per run.
+# a few tokens do not amortize; the gathered form pays it once per linear, not per run.
 SLICED_MAX_RUNS = 8
 SLICED_MIN_TOKENS_PER_RUN = 32
 
@@ -318,53 +340,86 @@ SLICED_MIN_TOKENS_PER_RUN = 32
 class LoRABatch:
     """One step's adapters: which slot each token uses (-1: the base model alone).
 
-    The torch path (CPU) has two forms, both computing only each token's own adapter.
-    When the step's adapter runs are few and long (prefill), each run is multiplied by its
-    slot's A and B on a slice (two ops per adapter). Otherwise (decode: a few tokens per
-    adapter) the adapters' tokens are gathered into one padded [adapters, longest, in]
-    batch and multiplied by their A and B stacks with two batched matmuls, then added back
-    in place: five ops per fused linear whatever the number of adapters. The engine orders
-    a step's rows by slot, so a run is contiguous and the slots a range (their stacks
-    then views). The Triton path (CUDA) runs one kernel pair for the step, each token
-    reading its own slot's weights."""
+    The torch path (CPU) has two forms, both expanding only each token's own adapter.
+    When the step's adapter runs are few and long (prefill), the base linear runs as
+    usual and each run is multiplied by its slot's A and B on a slice (two ops per
+    adapter). Otherwise (decode: a few tokens per adapter) one matmul with the extended
+    weight gives the base output and every slot's shrink; each adapter's tokens' own
+    shrinks are gathered into one padded [adapters, longest, W] batch, expanded with one
+    batched matmul and added back in place (three ops beside the base matmul, whatever
+    the number of adapters). The engine orders a step's rows by slot, so a run is
+    contiguous and the slots a range (their B stack then a view). The Triton path (CUDA)
+    runs one kernel pair for the step, each token reading its own slot's weights."""
 
     def __init__(self, slots: LoRASlots, token_slots: list[int], device: torch.device,
                  use_triton: bool) -> None:
         self.stacks = slots
         self.use_triton = use_triton
         self.token_slots = torch.tensor(token_slots, dtype=torch.int32).to(device)
+        self.runs: list[tuple[int, slice]] = []  # (slot, its tokens): the sliced form
         if use_triton:
             return
         rows: dict[int, list[int]] = {}
         for i, s in enumerate(token_slots):
             if s >= 0:
                 rows.setdefault(s, []).append(i)
-        self.runs: list[tuple[int, slice]] = []  # (slot, its tokens): the sliced form
         contiguous = all(r[-1] - r[0] + 1 == len(r) for r in rows.values())
         if (contiguous and len(rows) <= SLICED_MAX_RUNS
                 and all(len(r) >= SLICED_MIN_TOKENS_PER_RUN for r in rows.values())):
             self.runs = [(s, slice(r[0], r[-1] + 1)) for s, r in sorted(rows.items())]
             return
-        # the padded form: adapter k's tokens at rows k*longest .. of the gathered batch
+        # the gathered form: adapter k's tokens at rows k*longest .. of the padded batch
         order = sorted(rows)
         longest = max(len(r) for r in rows.values())
-        gather, valid, targets = [], [], []
+        tokens, slot_of_row, valid, targets = [], [], [], []
         for k, s in enumerate(order):
             r = rows[s]
-            gather += r + [r[0]] * (longest - len(r))
+            tokens += r + [r[0]] * (longest - len(r))
+            slot_of_row += [s] * longest
             valid += range(k * longest, k * longest + len(r))
             targets += r
         self.num, self.longest = len(order), longest
-        self.gather = torch.tensor(gather, device=device)
-        self.valid = None if len(valid) == len(gather) else torch.tensor(valid, device=device)
+        self.gather_tokens = torch.tensor(tokens, device=device)
+        self.gather_slots = torch.tensor(slot_of_row, device=device)
+        self.valid = None if len(valid) == len(tokens) else torch.tensor(valid, device=device)
         self.targets = torch.tensor(targets, device=device)
+        # the engine puts base rows first, then each slot's: the adapters' rows are one
+        # range, added to as a slice (index_add_ into the strided output is far slower)
+        first = targets[0]
+        self.target_range = slice(first, first + len(targets)) if targets == list(
+            range(first, first + len(targets))) else None
         lo = order[0]
-        self.slot_range = slice(lo, lo + len(order)) if order == list(
-            range(lo, lo + len(order))) else None
+        contiguous_slots = order == list(range(lo, lo + len(order)))
+        self.slot_range = slice(lo, lo + len(order)) if contiguous_slots else None
         self.slot_index = torch.tensor(order, device=device)
 
+    def linear(self, group: str, layer: int, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """`F.linear(x, weight, bias)` plus this step's LoRA deltas of `group` in `layer`."""
+        if self.use_triton or self.runs:
+            out = F.linear(x, weight, bias)
+            self.add(group, layer, x, out)
+            return out
+        stacks = self.stacks
+        w, n = stacks.width[group], weight.shape[0]
+        bias = stacks.ext_bias[group][layer] if bias is not None else None
+        full = F.linear(x, stacks.ext[group][layer], bias)  # [tokens, out + S*W]
+        out, shrunk = full[:, :n], full[:, n:].unflatten(1, (-1, w))  # [tokens, S, W]
+        y = shrunk[self.gather_tokens, self.gather_slots].view(self.num, self.longest, w)
+        bt = stacks.bt[group][layer].view(-1, w, n)
+        bt = bt[self.slot_range] if self.slot_range is not None else bt[self.slot_index]
+        d = torch.bmm(y, bt).view(-1, n)
+        if self.valid is not None:
+            d = d.index_select(0, self.valid)
+        if self.target_range is not None:
+            out[self.target_range] += d
+        else:
+            out.index_add_(0, self.targets, d)
+        return out
+
     def add(self, group: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out += this step's LoRA deltas of `group` in `layer` (x: the group's input)."""
+        """out += this step's LoRA deltas of `group` in `layer` (the sliced form, or
+        Triton's kernels; x: the group's input)."""
         w = self.stacks.width[group]
         a, bt = self.stacks.a[group][layer], self.stacks.bt[group][layer]
         if self.use_triton:
@@ -374,18 +429,6 @@ class LoRABatch:
             y = triton_lora_shrink(x, a.view(-1, w, a.shape[-1]), slots)
             triton_lora_expand(y, bt.view(-1, w, bt.shape[-1]).transpose(1, 2), slots, out)
             return
-        if self.runs:
-            for slot, rows in self.runs:
-                cols = slice(slot * w, (slot + 1) * w)
-                out[rows].addmm_(x[rows] @ a[cols].T, bt[cols])
-            return
-        a3, bt3 = a.view(-1, w, a.shape[-1]), bt.view(-1, w, bt.shape[-1])
-        if self.slot_range is not None:
-            a3, bt3 = a3[self.slot_range], bt3[self.slot_range]
-        else:
-            a3, bt3 = a3[self.slot_index], bt3[self.slot_index]
-        xp = x.index_select(0, self.gather).view(self.num, self.longest, -1)
-        d = torch.bmm(torch.bmm(xp, a3.transpose(1, 2)), bt3).view(-1, out.shape[-1])
-        if self.valid is not None:
-            d = d.index_select(0, self.valid)
-        out.index_add_(0, self.targets, d)
+        for slot, rows in self.runs:
+            cols = slice(slot * w, (slot + 1) * w)
+            out[rows].addmm_(x[rows] @ a[cols].T, bt[cols])
