@@ -48,18 +48,8 @@ class LLM:
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(prompts)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
-        if lora_request is None or isinstance(lora_request, LoRARequest):
-            loras = [lora_request] * len(prompts)
-        else:
-            loras = list(lora_request)
-            if len(loras) != len(prompts):
-                raise ValueError(f"lora_request: {len(loras)} given for {len(prompts)} prompts")
+        params = _per_prompt("sampling_params", sampling_params, SamplingParams, len(prompts))
+        loras = _per_prompt("lora_request", lora_request, LoRARequest, len(prompts))
 
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         added: list[str] = []
@@ -88,3 +78,13 @@ class LLM:
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
+
+
+def _per_prompt(name: str, value, kind: type, n: int) -> list:
+    """One value for every prompt (None or a single `kind`), or one per prompt."""
+    if value is None or isinstance(value, kind):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{name}: {len(values)} given for {n} prompts")
+    return values

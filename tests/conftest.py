@@ -118,6 +118,16 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+class RemoteMethod:
+    """`handle.method` as Ray shows it, for in-process fakes: `.remote(...)` -> awaitable."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return asyncio.ensure_future(self.fn(*args))
+
+
 def queue_channel(queue: asyncio.Queue):
     """A fake worker channel as a client reads it: an async iterator of awaitables over
     what is put in `queue` (an exception put there is raised)."""

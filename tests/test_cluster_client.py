@@ -7,19 +7,12 @@ from __future__ import annotations
 
 import asyncio
 
+from conftest import RemoteMethod as _M
 from conftest import fake_exchange, fake_submit_many, queue_channel
 from ray.exceptions import ActorDiedError
 
 from raysvc.cluster.client import ClusterClient
 from raysvc.cluster.messages import SeqDelta, StreamChunk, Ticket
-
-
-class _M:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        return asyncio.ensure_future(self.fn(*args))
 
 
 class Worker:

@@ -10,17 +10,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import RemoteMethod as _Method
 
 from raysvc.cluster.messages import NoWorkers, Overloaded, WorkerInfo, WorkerLoad
 from raysvc.cluster.router import Router
-
-
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        return asyncio.ensure_future(self.fn(*args))
 
 
 class FakeWorker:

@@ -13,18 +13,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import RemoteMethod as _Method
 
 from raysvc.cluster.messages import AcquireRequest, Overloaded, WorkerInfo, WorkerLoad
 from raysvc.cluster.router import Router
 from raysvc.cluster.tickets import TicketBatcher
-
-
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        return asyncio.ensure_future(self.fn(*args))
 
 
 class RouterHandle:

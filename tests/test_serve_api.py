@@ -14,18 +14,11 @@ import time
 
 import aiohttp
 import pytest
+from conftest import RemoteMethod as _M
 from conftest import fake_exchange, fake_submit_many, queue_channel
 from ray.exceptions import ActorDiedError
 
 from raysvc.cluster.messages import NoWorkers, Overloaded, SeqDelta, StreamChunk, Ticket
-
-
-class _M:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        return asyncio.ensure_future(self.fn(*args))
 
 
 class FakeWorker:

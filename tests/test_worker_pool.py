@@ -12,6 +12,7 @@ import asyncio
 import itertools
 
 import pytest
+from conftest import RemoteMethod as _Method
 
 from raysvc.cluster.messages import WorkerInfo, WorkerLoad
 from raysvc.cluster.pool import WorkerPool
@@ -19,14 +20,6 @@ from raysvc.cluster.router import Router
 
 FAST = {"upscale_delay_s": 0, "downscale_delay_s": 0, "look_back_period_s": 0.01,
         "metrics_interval_s": 3600, "worker_start_timeout_s": 5, "drain_timeout_s": 5}
-
-
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        return asyncio.ensure_future(self.fn(*args))
 
 
 class FakeWorker:

@@ -162,22 +162,20 @@ def build_api(server: OpenAIHandler, allowed_origins: list[str] | None = None, *
             await server.lora_admin.refresh()
         return JSONResponse(server.models().model_dump())
 
-    if server.lora_admin is not None:
+    if server.lora_admin is not None:  # vLLM's runtime adapter routes, when allowed
         from raysvc.serve.schema import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
-        @app.post("/v1/load_lora_adapter")
-        async def load_lora_adapter(request: Request) -> Response:
-            authorize(request)
-            body = await read_body(request, server.max_body_bytes)
-            req = server.parse(LoadLoRAAdapterRequest, body)
-            return PlainTextResponse(await server.lora_admin.load(req))
+        def lora_route(schema, act):
+            async def route(request: Request) -> Response:
+                authorize(request)
+                body = await read_body(request, server.max_body_bytes)
+                return PlainTextResponse(await act(server.parse(schema, body)))
+            return route
 
-        @app.post("/v1/unload_lora_adapter")
-        async def unload_lora_adapter(request: Request) -> Response:
-            authorize(request)
-            body = await read_body(request, server.max_body_bytes)
-            req = server.parse(UnloadLoRAAdapterRequest, body)
-            return PlainTextResponse(await server.lora_admin.unload(req))
+        app.post("/v1/load_lora_adapter")(
+            lora_route(LoadLoRAAdapterRequest, server.lora_admin.load))
+        app.post("/v1/unload_lora_adapter")(
+            lora_route(UnloadLoRAAdapterRequest, server.lora_admin.unload))
 
     @app.get("/health")
     async def health() -> JSONResponse:
