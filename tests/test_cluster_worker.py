@@ -128,3 +128,38 @@ def test_an_engine_stuck_in_one_step_fails_the_health_check(path):
         await worker.engine.shutdown()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_prefix_blocks_move_between_workers_and_show_in_kv_events(path):
+    """[kv-fabric] step 1 at the worker: B takes A's prefix blocks; B's KV events (what the
+    router's index mirrors) then list them, and B's next request of that prompt hits them."""
+    from raysvc.block_hash import hash_blocks
+
+    prompt = list(range(3, 60))
+
+    async def main():
+        a, b = _worker(path), _worker(path)
+        consumer = asyncio.create_task(_consume(a, "c", {"r"}))
+        await asyncio.sleep(0)
+        await a.submit("c", "r", prompt, PARAMS)
+        await consumer
+        hashes = hash_blocks(prompt[:-1], a.info().block_size)
+        kv = await a.export_kv(hashes)
+        assert kv.block_hashes == hashes
+        first = await b.kv_events("", 0, wait_s=0)  # a snapshot: empty
+        assert first.snapshot == set()
+        assert await b.import_kv(kv) == len(hashes)
+        news = await b.kv_events(first.epoch, first.step, wait_s=1.0)
+        stored = [h for _, events in news.batches for kind, hs in events if kind == "stored"
+                  for h in hs]
+        assert stored == hashes
+        consumer = asyncio.create_task(_consume(b, "c", {"r2"}))
+        await asyncio.sleep(0)
+        await b.submit("c", "r2", prompt, PARAMS)
+        tokens, _, _ = await consumer
+        load = await b.load()
+        assert load.prefix_cache_hits == len(hashes) * a.info().block_size
+        return tokens["r2"]
+
+    got = asyncio.run(main())
+    assert got == LLM(path).generate([prompt], SamplingParams(**PARAMS))[0].outputs[0].token_ids

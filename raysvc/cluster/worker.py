@@ -208,6 +208,16 @@ class LLMWorker:
                                        return_exceptions=True)
         return [r if isinstance(r, BaseException) else None for r in results]
 
+    async def export_kv(self, block_hashes: list[bytes]):
+        """The KV of the leading blocks of a prefix chain held here (a `KVBlocks`, its
+        buffer handed over by Ray's object store without a copy), or None."""
+        return await self.engine.export_kv(block_hashes)
+
+    async def import_kv(self, kv) -> int:
+        """Take in another worker's prefix blocks (same model, dtype, block size); how many
+        were new here. They show in this worker's KV events like blocks it computed."""
+        return await self.engine.import_kv(kv)
+
     async def add_lora(self, name: str, path: str) -> None:
         """Know (and load) an adapter at run time; ValueError naming the file if bad."""
         from raysvc.models.lora import LoRARequest

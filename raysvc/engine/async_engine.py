@@ -127,6 +127,13 @@ class AsyncEngine:
             out.finished = True
             queue.put_nowait(out)
 
+    async def export_kv(self, block_hashes: list[bytes]):
+        """`LLMEngine.export_kv` on the engine thread (between steps)."""
+        return await self._call(self.engine.export_kv, block_hashes)
+
+    async def import_kv(self, kv) -> int:
+        return await self._call(self.engine.import_kv, kv)
+
     async def add_lora(self, lora_request) -> None:
         """`LLMEngine.add_lora` on the engine thread (between steps)."""
         await self._call(self.engine.add_lora, lora_request)

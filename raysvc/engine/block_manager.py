@@ -18,6 +18,7 @@ router can mirror exactly which prefixes this engine holds.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from raysvc.block_hash import BlockHash, hash_blocks
@@ -75,6 +76,64 @@ class BlockManager:
                 break
             hits.append(block)
         return hits
+
+    def cached_run(self, hashes: list[BlockHash]) -> list[int]:
+        """The blocks holding the longest leading run of `hashes` (a prefix chain)."""
+        blocks = []
+        for h in hashes:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def import_prefix(self, hashes: list[BlockHash],
+                      write: Callable[[list[int], list[int]], None]) -> int:
+        """Take in a prefix chain computed elsewhere: for the blocks of `hashes` this pool
+        lacks, free blocks are taken, `write(blocks, positions)` fills them (positions:
+        their indexes in `hashes`), and only then are they registered under their hashes
+        (evictable, as after a finished request; recorded as stored). The blocks of the
+        chain already here are held meanwhile, so taking room never evicts them. Imports
+        as many leading blocks as the free queue allows without evicting the chain; if
+        `write` raises, nothing is registered and every block goes back. Returns how many
+        blocks were imported."""
+        if not self.enable_prefix_caching:
+            return 0
+        have = [self.cached.get(h) for h in hashes]
+        held = [b for b in have if b is not None]
+        for block in held:  # pin: out of the free queue while we take room
+            if self.ref_counts[block] == 0:
+                del self.free_queue[block]
+                self.num_cached_free -= 1
+            self.ref_counts[block] += 1
+        taken: list[int] = []
+        positions: list[int] = []
+        try:
+            for i, block in enumerate(have):
+                if block is None:
+                    if not self.free_queue:
+                        break  # the chain stays whole up to here
+                    taken.append(self._take())
+                    positions.append(i)
+            if taken:
+                write(taken, positions)
+        except BaseException:
+            for block in taken:
+                self._release(block)
+            raise
+        finally:
+            for block in held:
+                self._release(block)
+        stored = []
+        for block, i in zip(taken, positions, strict=True):
+            h = hashes[i]
+            self.block_hash[block] = h
+            self.cached[h] = block
+            stored.append(h)
+            self._release(block)  # to the back of the free queue: cached, evictable
+        if stored:
+            self._record("stored", stored)
+        return len(taken)
 
     def _attach_cached(self, seq: Sequence, blocks: list[int]) -> None:
         """Give a fresh sequence the cached blocks of its prefix (shared, read-only)."""

@@ -113,6 +113,9 @@ class LLMEngine:
         self.num_computed_tokens = 0
         self.num_steps = 0
         self.num_failed_requests = 0  # ended by an exception of their own inside a step
+        self.kv_blocks_exported = 0  # prefix blocks sent to / taken from other engines
+        self._kv_batches = 0  # KV event batches published
+        self.kv_blocks_imported = 0
         self._grammars_lock = threading.Lock()
         self._kv_event_subscribers: list[Callable[[KVEventBatch], None]] = []
 
@@ -185,6 +188,26 @@ class LLMEngine:
         if self.loras is None:
             raise KeyError(lora_name)
         self.loras.remove(lora_name)
+
+    def export_kv(self, block_hashes: list[bytes]):
+        """The KV of the longest leading run of `block_hashes` held here, as a `KVBlocks`
+        (raysvc.engine.kv_transfer), or None."""
+        from raysvc.engine.kv_transfer import export_blocks
+
+        kv = export_blocks(self, block_hashes)
+        self.kv_blocks_exported += kv.num_blocks if kv is not None else 0
+        return kv
+
+    def import_kv(self, kv) -> int:
+        """Register a `KVBlocks` from another engine of this model in the prefix cache;
+        how many blocks were new here. ValueError if it is not for this model, dtype,
+        block size and layout."""
+        from raysvc.engine.kv_transfer import import_blocks
+
+        n = import_blocks(self, kv)
+        self.kv_blocks_imported += n
+        self._publish_kv_events()
+        return n
 
     def loaded_loras(self) -> list[str]:
         """The adapters in host memory now (safe to read from another thread)."""
@@ -330,11 +353,17 @@ class LLMEngine:
             if self.spec is not None:
                 self.spec.end_step()
             self.num_steps += 1
-            events = self.block_manager.drain_events()
-            if events:
-                batch = KVEventBatch(self.num_steps, events)
-                for callback in self._kv_event_subscribers:
-                    callback(batch)
+            self._publish_kv_events()
+
+    def _publish_kv_events(self) -> None:
+        """Hand the prefix cache's changes to the subscribers, numbered in order (a step's,
+        or an import's between steps)."""
+        events = self.block_manager.drain_events()
+        if events:
+            self._kv_batches += 1
+            batch = KVEventBatch(self._kv_batches, events)
+            for callback in self._kv_event_subscribers:
+                callback(batch)
 
     def _step(self) -> list[RequestOutput]:
         if self.spec is not None:
@@ -563,6 +592,8 @@ class LLMEngine:
             "prefix_cache_queries": self.scheduler.prefix_cache_queries,
             "prefix_cache_hits": self.scheduler.prefix_cache_hits,
             "kv_blocks_cached": bm.num_cached_free,
+            "kv_blocks_exported": self.kv_blocks_exported,
+            "kv_blocks_imported": self.kv_blocks_imported,
             **(self.spec.stats() if self.spec is not None else {}),
         }
 
