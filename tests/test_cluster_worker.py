@@ -163,3 +163,37 @@ def test_prefix_blocks_move_between_workers_and_show_in_kv_events(path):
 
     got = asyncio.run(main())
     assert got == LLM(path).generate([prompt], SamplingParams(**PARAMS))[0].outputs[0].token_ids
+
+
+def test_a_pull_from_a_source_that_dies_mid_transfer_falls_back_to_recompute(path):
+    """[kv-fabric]: the source worker dies while B waits for its blocks: B computes the
+    prefix itself, the output is the offline engine's, nothing is half-imported."""
+    from ray.exceptions import ActorDiedError
+
+    from raysvc.block_hash import hash_blocks
+
+    prompt = list(range(3, 60))
+
+    class DyingSource:
+        class export_kv:  # noqa: N801 - Ray's method shape: handle.export_kv.remote(...)
+            @staticmethod
+            def remote(hashes):
+                async def die():
+                    await asyncio.sleep(0.05)
+                    raise ActorDiedError()
+                return asyncio.ensure_future(die())
+
+    async def main():
+        b = _worker(path)
+        consumer = asyncio.create_task(_consume(b, "c", {"r"}))
+        await asyncio.sleep(0)
+        hashes = hash_blocks(prompt[:-1], b.info().block_size)
+        await b.submit("c", "r", prompt, PARAMS, 0, (DyingSource(), hashes))
+        tokens, _, _ = await consumer
+        load = await b.load()
+        assert load.kv_pull_failures == 1 and load.kv_pull_blocks == 0
+        assert load.prefix_cache_hits == 0 and load.kv_blocks_free == load.kv_blocks_total
+        return tokens["r"]
+
+    got = asyncio.run(main())
+    assert got == LLM(path).generate([prompt], SamplingParams(**PARAMS))[0].outputs[0].token_ids

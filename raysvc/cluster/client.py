@@ -71,11 +71,13 @@ class _ChannelReader:
         self._sending = False
 
     def submit(self, request_id: str, prompt: list[int], params: dict[str, Any],
-               priority: int) -> asyncio.Future:
-        """Start a request on the worker; the future fails with what refused it (a
-        ValueError for bad params, the engine's failure, the actor's death)."""
+               priority: int, pull: tuple[Any, list[bytes]] | None = None) -> asyncio.Future:
+        """Start a request on the worker (after it pulled `pull`'s prefix blocks, if any);
+        the future fails with what refused it (a ValueError for bad params, the engine's
+        failure, the actor's death)."""
         future = asyncio.get_running_loop().create_future()
-        self._submits.append(((request_id, prompt, params, priority), future))
+        item = (request_id, prompt, params, priority) + ((pull,) if pull is not None else ())
+        self._submits.append((item, future))
         if not self._sending:
             self._sending = True
             contextvars.Context().run(asyncio.create_task, self._send())
@@ -247,8 +249,11 @@ class ClusterClient:
                 self._live[request_id] = ticket
                 queue = channel.queues[ticket_id] = asyncio.Queue()
                 try:
+                    pull = None
+                    if ticket.pull_from is not None:  # the prefix lives on another worker
+                        pull = (ticket.pull_from, hashes[:ticket.pull_blocks])
                     await channel.submit(ticket_id, prompt, _continued(params, len(generated)),
-                                         priority)
+                                         priority, pull)
                 except Exception as e:
                     if type(getattr(e, "cause", e)).__name__ == "EngineDeadError":
                         raise _EngineFailed(f"worker {ticket.worker_id}: engine failed") from e

@@ -53,6 +53,7 @@ class WorkerInfo:
     block_size: int
     kv_blocks_total: int
     max_num_seqs: int
+    kv_bytes_per_block: int = 0  # all layers' K and V of one block (what a pull moves)
 
 
 @dataclass(slots=True)
@@ -77,6 +78,15 @@ class WorkerLoad:
     healthy: bool = True
     request_ids: list[str] = field(default_factory=list)  # what it holds (the ledger's truth)
     loras: list[str] = field(default_factory=list)  # LoRA adapters loaded in its engine
+    # the pull cost model (raysvc/cluster/kv_pull.py) and what its pulls did
+    prefill_tokens_per_s: float = 0.0
+    kv_bytes_per_s: float = 0.0
+    pull_overhead_s: float = 0.0
+    kv_pulls: int = 0
+    kv_pull_blocks: int = 0  # imported instead of recomputed
+    kv_pull_bytes: int = 0
+    kv_pull_s: float = 0.0
+    kv_pull_failures: int = 0
     lora_modules: dict[str, str] = field(default_factory=dict)  # adapters it knows -> dirs
 
     @classmethod
@@ -118,7 +128,9 @@ class AcquireRequest:
 class ExchangeReply:
     """The router's answer to one `exchange` call.
 
-    `results`: (ticket id, worker id) for each admitted ticket; (ticket id, None) for a
+    `results`: (ticket id, worker id) for each admitted ticket (or (ticket id, (worker id,
+    pull source's worker id, blocks)) when the worker is to pull the prompt's prefix
+    blocks from another worker first); (ticket id, None) for a
     ticket released before its acquire arrived; (ticket id, exception) for a refused one
     (Overloaded, NoWorkers, ShuttingDown). `handles`: the actor handle of each worker
     this client has not been sent yet. `incarnation` changes when the router restarts:
@@ -138,6 +150,10 @@ class Ticket:
     ticket_id: str
     worker_id: str
     worker: Any  # ray.actor.ActorHandle of an LLMWorker
+    # another worker holding more of the prompt's prefix, and how many of its blocks to
+    # pull from it before starting (kv fabric); None: compute the prefix here
+    pull_from: Any = None
+    pull_blocks: int = 0
 
 
 @dataclass(slots=True)

@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from raysvc.cluster.kv_pull import KVCostModel
 from raysvc.cluster.messages import WorkerInfo, WorkerLoad
 from raysvc.cluster.prefix_index import PrefixIndex
 
@@ -58,6 +59,11 @@ class PlacementConfig:
     # a worker with the request's LoRA adapter loaded scores as if it held this many more
     # prompt tokens (a load from disk and a slot swap avoided), unless it runs hot
     lora_affinity_tokens: float = 256.0
+    # kv fabric: a worker may pull the prompt's prefix blocks another worker holds, when
+    # its cost model says the pull beats recomputing them; such blocks score this much of
+    # a local hit (a pull is cheap, not free). 0 turns pulls off.
+    pull_weight: float = 0.7
+    min_pull_blocks: int = 2
     pending_ttl_s: float = 30.0  # a placement counts as cached until events confirm it
     max_pending_blocks: int = 65536  # per worker
 
@@ -130,6 +136,12 @@ class WorkerEntry:
             "index_blocks": len(self.index.cached), "index_pending": len(self.index.pending),
             "draining": self.draining, "state": "draining" if self.draining else "ready",
             "loras": sorted(self.loras),
+            # the kv fabric: prefix blocks pulled from other workers instead of recomputed
+            "kv_pulls": load.kv_pulls, "kv_pull_blocks": load.kv_pull_blocks,
+            "kv_pull_bytes": load.kv_pull_bytes, "kv_pull_s": round(load.kv_pull_s, 6),
+            "kv_pull_failures": load.kv_pull_failures,
+            "prefill_tokens_per_s": round(load.prefill_tokens_per_s, 1),
+            "kv_bytes_per_s": round(load.kv_bytes_per_s),
         }
 
     def fits(self, num_prompt_tokens: int, n: int) -> bool:
@@ -145,6 +157,16 @@ class WorkerEntry:
                 and self.used_blocks + blocks <= self.info.kv_blocks_total)
 
 
+def _pull_worth(w: WorkerEntry, blocks: int) -> bool:
+    """Would worker `w` get `blocks` prefix blocks faster by pulling them than by computing
+    them? By its reported cost model (kv_pull.KVCostModel); no report yet: no."""
+    load = w.load
+    if not (load.prefill_tokens_per_s and load.kv_bytes_per_s and w.info.kv_bytes_per_block):
+        return False
+    return KVCostModel(w.block_size, w.info.kv_bytes_per_block, load.prefill_tokens_per_s,
+                       load.kv_bytes_per_s, load.pull_overhead_s).worth(blocks)
+
+
 def _least_loaded_key(w: WorkerEntry) -> tuple:
     return (w.used_seqs / w.max_seqs, w.used_blocks / w.kv_blocks_total, w.requests_routed,
             w.worker_id)
@@ -155,6 +177,9 @@ class Placer:
 
     def __init__(self, config: PlacementConfig) -> None:
         self.config = config
+        # the last choice's pull: (the worker holding more of the prefix, its matched
+        # blocks), or None (set by every `choose`)
+        self.pull: tuple[WorkerEntry, int] | None = None
         self._rr = 0
         self._oracle: dict[bytes, str] = {}  # first block hash -> worker id
 
@@ -162,7 +187,8 @@ class Placer:
                hashes: list[bytes], now: float | None = None,
                lora: str | None = None) -> tuple[WorkerEntry | None, int]:
         """The chosen worker (None: none fits) and its matched prefix blocks. `lora`: the
-        request's adapter (policy "prefix" prefers workers that hold it)."""
+        request's adapter (policy "prefix" prefers workers that hold it). Sets `pull`."""
+        self.pull = None
         policy = self.config.policy
         now = time.monotonic() if now is None else now
         if policy == "oracle" and hashes:
@@ -200,21 +226,31 @@ class Placer:
         # miss elsewhere (once it runs hot, the balance rule below sends the request on)
         anyone = cfg.wait_for_prefix
         loads: dict[int, float] = {}
+        matches: dict[int, int] = {}
         lo = float("inf")
-        best, best_key, matched = None, None, 0
+        holder, most = None, 0  # the worker holding the longest prefix (a pull's source)
         for w in all_workers:
             load = w.used_seqs
             if w.recent:
                 load += w.recent * 0.5 ** ((now - w.recent_time) / half_life)
             loads[id(w)] = load
             lo = min(lo, load)
+            if hashes and not w.suspect:
+                m = matches[id(w)] = w.index.match(hashes, now)
+                if m > most:
+                    holder, most = w, m
+        best, best_key, matched = None, None, 0
+        for w in all_workers:
             if (w.draining or w.suspect) if anyone else id(w) not in fitting:
                 continue
-            m = w.index.match(hashes, now)
-            score = (cfg.prefix_weight * m - cfg.load_weight * w.used_blocks) * w.block_size
+            m = matches.get(id(w), 0)
+            reach = m
+            if cfg.pull_weight and most - m >= cfg.min_pull_blocks and _pull_worth(w, most - m):
+                reach = m + cfg.pull_weight * (most - m)
+            score = (cfg.prefix_weight * reach - cfg.load_weight * w.used_blocks) * w.block_size
             if lora is not None and lora in w.loras:
                 score += cfg.lora_affinity_tokens
-            key = (-score, load, w.requests_routed, w.worker_id)
+            key = (-score, loads[id(w)], w.requests_routed, w.worker_id)
             if best_key is None or key < best_key:
                 best, best_key, matched = w, key, m
         if best is None:
@@ -223,13 +259,16 @@ class Placer:
         warm = matched > 0 or (lora is not None and lora in best.loras)
         if not warm or (hi - lo > cfg.balance_abs and hi > cfg.balance_rel * lo):
             # cold prefix (and adapter), or its worker runs hot: the least loaded (recently)
-            # takes it
+            # takes it -- and may pull the prefix from where it is
             if not fits:
                 return None, 0
             best = min(fits, key=lambda w: (loads[id(w)], w.worker_id))
-            matched = best.index.match(hashes, now)
+            matched = matches.get(id(best), 0)
         elif id(best) not in fitting:
             return None, 0  # the head of the queue waits for its prefix's worker
+        if (cfg.pull_weight and holder is not None and holder is not best
+                and most - matched >= cfg.min_pull_blocks and _pull_worth(best, most - matched)):
+            self.pull = (holder, most)
         return best, matched
 
     def _routed(self, w: WorkerEntry, now: float) -> None:

@@ -81,14 +81,22 @@ class _Box:
     handles: dict[str, Any] = field(default_factory=dict)  # to send with the next reply
     seen: float = 0.0
 
-    def put(self, ticket_id: str, result: Any) -> None:
+    def put(self, ticket_id: str, result: Any,
+            pull: tuple[WorkerEntry, int] | None = None) -> None:
         if isinstance(result, WorkerEntry):
-            if self.handles_sent.get(result.worker_id) is not result.handle:
-                self.handles_sent[result.worker_id] = result.handle
-                self.handles[result.worker_id] = result.handle
-            result = result.worker_id
+            self._send_handle(result)
+            if pull is not None:  # (worker, pull source, blocks)
+                self._send_handle(pull[0])
+                result = (result.worker_id, pull[0].worker_id, pull[1])
+            else:
+                result = result.worker_id
         self.results.append((ticket_id, result))
         self.news.set()
+
+    def _send_handle(self, entry: WorkerEntry) -> None:
+        if self.handles_sent.get(entry.worker_id) is not entry.handle:
+            self.handles_sent[entry.worker_id] = entry.handle
+            self.handles[entry.worker_id] = entry.handle
 
 
 class Router:
@@ -117,6 +125,7 @@ class Router:
         self.events_wait_s = events_wait_s
         self.ledger = AdmissionLedger()  # admitted tickets: the one writer of the room used
         self._released: OrderedDict[str, None] = OrderedDict()  # releases that beat acquire
+        self._pulls: dict[str, tuple[WorkerEntry, int]] = {}  # ticket -> (source, blocks)
         self._monitor: asyncio.Task | None = None
         self.metrics = ClusterMetrics()
         self.pool: WorkerPool | None = None
@@ -400,7 +409,9 @@ class Router:
         for ticket_id in releases:
             self._release(ticket_id)
         for req in acquires:
-            self._offer(req, lambda result, t=req.ticket_id: box.put(t, result), dispatch=False)
+            self._offer(req, lambda result, t=req.ticket_id: box.put(t, result,
+                                                                      self._pulls.pop(t, None)),
+                        dispatch=False)
         self._dispatch()  # once for the whole batch
         deadline = time.monotonic() + wait_s
         while not box.results and (left := deadline - time.monotonic()) > 0:
@@ -440,13 +451,16 @@ class Router:
         future = asyncio.get_running_loop().create_future()
 
         def deliver(result: Any) -> None:
+            src, blocks = self._pulls.pop(ticket_id, (None, 0))
             if future.done():
                 return
             if isinstance(result, BaseException):
                 future.set_exception(result)
+            elif result is None:
+                future.set_result(None)
             else:
-                future.set_result(None if result is None else
-                                  Ticket(ticket_id, result.worker_id, result.handle))
+                future.set_result(Ticket(ticket_id, result.worker_id, result.handle,
+                                         src.handle if src is not None else None, blocks))
 
         self._offer(AcquireRequest(ticket_id, num_prompt_tokens, n, list(block_hashes or []),
                                    retry, priority, tenant, avoid, lora), deliver)
@@ -528,6 +542,8 @@ class Router:
             self._queue.pop_head()
             self.ledger.admit(worker, head.ticket_id, head.num_prompt_tokens, head.n, now)
             worker.requests_routed += 1
+            if self._placer.pull is not None:  # the kv fabric: pull the prefix, don't recompute
+                self._pulls[head.ticket_id] = self._placer.pull
             head.deliver(worker)
         if len(self._queue) != self._queue_reported:
             self._queue_reported = len(self._queue)

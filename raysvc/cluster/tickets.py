@@ -177,6 +177,10 @@ class TicketBatcher:
                 future.set_exception(result)
             elif result is None:
                 future.set_result(None)
+            elif isinstance(result, tuple):  # (worker, pull source, blocks): the kv fabric
+                worker, source, blocks = result
+                future.set_result(Ticket(ticket_id, worker, self._handles[worker],
+                                         self._handles[source], blocks))
             else:
                 future.set_result(Ticket(ticket_id, result, self._handles[result]))
 

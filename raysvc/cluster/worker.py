@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raysvc.cluster.actors import actor, was_restarted
+from raysvc.cluster.kv_pull import KVPuller, measure_cost_model
 from raysvc.cluster.messages import (
     HandedOver,
     KVEventsReply,
@@ -87,7 +88,10 @@ class LLMWorker:
             worker_id=worker_id, node_id=_node_id(), pid=os.getpid(), device=str(llm.device),
             model=str(llm.model_path), max_model_len=llm.max_model_len,
             vocab_size=llm.model_config.vocab_size, block_size=llm.config.block_size,
-            kv_blocks_total=llm.block_manager.num_blocks, max_num_seqs=llm.config.max_num_seqs)
+            kv_blocks_total=llm.block_manager.num_blocks, max_num_seqs=llm.config.max_num_seqs,
+            kv_bytes_per_block=llm.runner.kv_cache.data[:, :, 0].numel()
+            * llm.runner.kv_cache.data.element_size())
+        self.puller = KVPuller(self.engine, measure_cost_model(llm))
         self._channels: dict[str, _ChannelState] = {}
         self._tokens: dict[str, int] = {}  # request id -> prompt + generated tokens so far
         self._shape: dict[str, tuple[int, int]] = {}  # request id -> (prompt tokens, n)
@@ -106,11 +110,15 @@ class LLMWorker:
 
     async def load(self) -> WorkerLoad:
         stats = await self.engine.stats()
+        p, cost = self.puller, self.puller.cost
         return WorkerLoad.from_engine_stats(
             stats, tokens_in_flight=sum(self._tokens.values()),
             requests_in_flight=len(self._tokens), healthy=self._problem() is None,
             request_ids=list(self._tokens), loras=self.engine.engine.loaded_loras(),
-            lora_modules=self.engine.engine.lora_modules())
+            lora_modules=self.engine.engine.lora_modules(),
+            prefill_tokens_per_s=cost.prefill_tokens_per_s, kv_bytes_per_s=cost.kv_bytes_per_s,
+            pull_overhead_s=cost.pull_overhead_s, kv_pulls=p.pulls, kv_pull_blocks=p.blocks,
+            kv_pull_bytes=p.bytes, kv_pull_s=p.seconds, kv_pull_failures=p.failures)
 
     def requests(self) -> list[tuple[str, int, int]]:
         """(request id, prompt tokens, samples) of every request here: a router rebuilding
@@ -177,9 +185,11 @@ class LLMWorker:
                 self._shape.pop(request_id, None)
 
     async def submit(self, channel_id: str, request_id: str, prompt_token_ids: list[int],
-                     params: dict[str, Any], priority: int = 0) -> None:
+                     params: dict[str, Any], priority: int = 0,
+                     pull: tuple[Any, list[bytes]] | None = None) -> None:
         """Start a request whose outputs go to `channel_id`; ValueError for bad params.
-        `priority` orders the engine's waiting queue (lower first)."""
+        `priority` orders the engine's waiting queue (lower first). `pull`: (another
+        worker, block hashes) to import the prompt's prefix from first (kv_pull.py)."""
         from raysvc.engine.sampling_params import SamplingParams
 
         ch = self._channels.setdefault(channel_id, _ChannelState())
@@ -187,6 +197,8 @@ class LLMWorker:
         self._tokens[request_id] = len(prompt_token_ids)
         self._shape[request_id] = (len(prompt_token_ids), int(params.get("n", 1)))
         try:
+            if pull is not None:
+                await self.puller.pull(*pull)
             stream = await self.engine.add_request(
                 request_id, prompt_token_ids, SamplingParams(**params, output_kind="delta"),
                 priority)
@@ -197,10 +209,9 @@ class LLMWorker:
         ch.sent[request_id] = {}
         ch.pumps[request_id] = asyncio.create_task(self._pump(ch, request_id, stream))
 
-    async def submit_many(self, channel_id: str, batch: list[tuple[str, list[int],
-                                                                 dict[str, Any], int]]
+    async def submit_many(self, channel_id: str, batch: list[tuple]
                           ) -> list[BaseException | None]:
-        """`submit` for a batch of (request id, prompt, params, priority): an ingress
+        """`submit` for a batch of (request id, prompt, params, priority[, pull]): an ingress
         process keeps one such call in flight per worker, so a busy ingress makes few
         calls. Each item's error (ValueError for bad params, the engine's failure) is
         returned in its place, None where it started."""
