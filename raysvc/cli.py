@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (the rest of the arguments go to them)")
     bench.add_argument("what", choices=["engine", "kernels", "serve", "spec", "routing", "router",
                                         "prefix-cache", "autoscale", "chaos", "batch",
-                                        "structured", "lora"])
+                                        "structured", "lora", "kv-fabric"])
     return parser
 
 

@@ -119,6 +119,34 @@ def test_lora_affinity_gathers_an_adapter_unless_its_worker_runs_hot():
     assert not set(hash_blocks(list(range(3, 163)), 16)) & set(cold)
 
 
+def test_a_busy_holder_gives_way_to_a_worker_that_pulls_only_when_pulling_is_faster():
+    """The least loaded worker takes a request whose prefix a busy worker holds; the ticket
+    names the holder as the pull source iff the taker's cost model says a pull of those
+    blocks beats recomputing them."""
+    from raysvc.cluster.messages import WorkerLoad
+
+    workers = [_worker(f"w{i}") for i in range(2)]
+    for w in workers:
+        w.info.kv_bytes_per_block = 50_000
+    placer = Placer(PlacementConfig(balance_abs=2, balance_rel=1.5))
+    prefix = hash_blocks(list(range(3, 323)), 16)  # 20 blocks
+    for _ in range(4):
+        _admit(workers[0], prefix)  # w0 holds it and runs hot
+    # slow prefill (1k tok/s: 320 ms for 20 blocks), fast transfer (1 GB/s: 6 ms): pull
+    workers[1].load = WorkerLoad(prefill_tokens_per_s=1_000, kv_bytes_per_s=1e9,
+                                 pull_overhead_s=0.005)
+    pick, matched = placer.choose(workers, workers, prefix)
+    assert pick is workers[1] and matched == 0
+    assert placer.pull == (workers[0], len(prefix))
+    # fast prefill (1M tok/s), slow transfer: recompute, no pull
+    workers[1].load = WorkerLoad(prefill_tokens_per_s=1e6, kv_bytes_per_s=1e6,
+                                 pull_overhead_s=0.005)
+    assert placer.choose(workers, workers, prefix)[0] is workers[1] and placer.pull is None
+    # no cost model reported yet: no pull
+    workers[1].load = WorkerLoad()
+    assert placer.choose(workers, workers, prefix)[0] is workers[1] and placer.pull is None
+
+
 def test_comparison_policies():
     workers = [_worker(f"w{i}") for i in range(4)]
     hashes = [hash_blocks([g] * 48, 16) for g in range(8)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,6 @@ class KVCostModel:
 def measure_cost_model(engine: Any) -> KVCostModel:
     """Time one prefill forward pass and one KV buffer through the object store (or a
     host copy without Ray) on this worker: the start-up estimates."""
-    import numpy as np
     import torch
 
     from raysvc.engine.sampling_params import SamplingParams
@@ -73,19 +73,14 @@ def measure_cost_model(engine: Any) -> KVCostModel:
             rate = n / max(time.perf_counter() - start, 1e-6)
         finally:
             bm.free(seq)
+    # a transfer's copies: device -> host buffer, serialized (as Ray does into its object
+    # store) and read back, host -> device; the first real pulls refine this
     blocks = max(min(64, bm.num_blocks), 1)
     buf = data[:, :, :blocks].contiguous()
     start = time.perf_counter()
-    host = buf.cpu().view(torch.uint8).numpy()
-    try:
-        import ray
-
-        if ray.is_initialized():
-            host = ray.get(ray.put(host), timeout=30)
-    except Exception:  # no object store to time: the host copies alone
-        pass
-    data[:, :, :blocks].copy_(torch.from_numpy(np.ascontiguousarray(host)).view(
-        data.dtype).view(buf.shape).to(data.device))
+    host = pickle.loads(pickle.dumps(buf.cpu().view(torch.uint8).numpy(), protocol=5))
+    data[:, :, :blocks].copy_(torch.from_numpy(host).view(data.dtype).view(buf.shape)
+                              .to(data.device))
     kv_rate = blocks * bytes_per_block / max(time.perf_counter() - start, 1e-6)
     return KVCostModel(llm.config.block_size, bytes_per_block, rate or 1e4, kv_rate)
 

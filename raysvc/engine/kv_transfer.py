@@ -15,6 +15,7 @@ block's bytes before any of them is registered, so a failure leaves nothing half
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -80,7 +81,9 @@ def import_blocks(engine: LLMEngine, kv: KVBlocks) -> int:
     if kv.data.dtype != np.uint8 or kv.data.size != expected:
         raise ValueError(f"kv_blocks: {kv.data.size} bytes for {kv.num_blocks} blocks; "
                          f"expected {expected}")
-    source = torch.from_numpy(np.ascontiguousarray(kv.data)).view(data.dtype).view(shape)
+    with warnings.catch_warnings():  # Ray's object store hands over a read-only array: we
+        warnings.simplefilter("ignore", UserWarning)  # only read from it
+        source = torch.from_numpy(np.ascontiguousarray(kv.data)).view(data.dtype).view(shape)
 
     def write(blocks: list[int], positions: list[int]) -> None:
         dst = torch.tensor(blocks, device=data.device)
