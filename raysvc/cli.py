@@ -223,6 +223,8 @@ ENGINE_FLAGS = {
     "block_size": (int, "tokens per KV block"),
     "num_kv_blocks": (int, "KV blocks per worker (default: from the memory budget)"),
     "kv_cache_memory_bytes": (int, "KV byte budget per worker"),
+    "kv_offload_bytes": (int, "host memory per worker for prefix blocks evicted from the KV "
+                              "pool (default: 4 GiB on GPU, off on CPU; 0: off)"),
     "gpu_memory_utilization": (float, "fraction of GPU memory a worker may use"),
     "max_num_seqs": (int, "running sequences per worker"),
     "max_num_batched_tokens": (int, "tokens per engine step"),

@@ -54,6 +54,7 @@ class BlockManager:
         self.cached: dict[BlockHash, int] = {}  # hash -> the block holding that prefix
         self.events: list[KVEvent] = []
         self.num_cached_free = 0  # free blocks that still hold a cached prefix
+        self.host = None  # a HostTier (raysvc.engine.host_tier): evicted prefixes kept there
 
     @property
     def num_free_blocks(self) -> int:
@@ -69,12 +70,10 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.request.params.prompt_logprobs is not None:
             return []  # prompt logprobs need every prompt position computed
         hashes = self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
-        hits = []
-        for h in hashes:
-            block = self.cached.get(h)
-            if block is None:
-                break
-            hits.append(block)
+        hits = self.cached_run(hashes)
+        if self.host is not None and len(hits) < len(hashes) and \
+                self.host.reload(self, hashes, len(hits)):
+            hits = self.cached_run(hashes)  # the host tier's continuation, back on the device
         return hits
 
     def cached_run(self, hashes: list[BlockHash]) -> list[int]:
@@ -256,6 +255,8 @@ class BlockManager:
         block, _ = self.free_queue.popitem(last=False)
         h = self.block_hash[block]
         if h is not None:  # evict: the pool needs the block for new data
+            if self.host is not None:
+                self.host.spill(h, block)
             self.block_hash[block] = None
             del self.cached[h]
             self.num_cached_free -= 1

@@ -20,6 +20,9 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None  # KV byte budget (CPU default: 1 GiB)
+    # host memory for prefix blocks evicted from the KV pool (raysvc.engine.host_tier):
+    # None = 4 GiB on CUDA, off on CPU (the pool is host memory there); 0 = off
+    kv_offload_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -78,6 +81,11 @@ class EngineConfig:
             raise ValueError(f"block_size: must be a power of two >= 8, got {self.block_size}")
         positive("num_kv_blocks", allow_none=True)
         positive("kv_cache_memory_bytes", allow_none=True)
+        offload = self.kv_offload_bytes
+        if offload is not None and (isinstance(offload, bool) or not isinstance(offload, int)
+                                    or offload < 0):
+            raise ValueError(f"kv_offload_bytes: must be a non-negative integer, got "
+                             f"{offload!r}")
         positive("max_num_seqs")
         positive("max_num_batched_tokens")
         positive("max_model_len", allow_none=True)

@@ -19,6 +19,7 @@ import torch
 from raysvc.engine.block_manager import BlockManager, KVEventBatch
 from raysvc.engine.config import EngineConfig
 from raysvc.engine.detokenizer import detokenize_step, find_stop_string, visible_end
+from raysvc.engine.host_tier import HostTier
 from raysvc.engine.kv_cache import KVCache, plan_num_blocks
 from raysvc.engine.loading import (
     draft_dtype,
@@ -86,6 +87,11 @@ class LLMEngine:
                                    config.max_num_batched_tokens,
                                    config.max_loras if config.enable_lora else 0)
         self.runner = ModelRunner(model, kv_cache, backend)
+        offload = config.kv_offload_bytes
+        if offload is None:
+            offload = 4 << 30 if self.device.type == "cuda" else 0
+        if offload and config.enable_prefix_caching:
+            self.block_manager.host = HostTier(kv_cache.data, offload)
         self.loras: LoRARegistry | None = None
         if config.enable_lora:
             self.loras = LoRARegistry(mc, config.max_lora_rank,
@@ -594,6 +600,9 @@ class LLMEngine:
             "kv_blocks_cached": bm.num_cached_free,
             "kv_blocks_exported": self.kv_blocks_exported,
             "kv_blocks_imported": self.kv_blocks_imported,
+            # the host tier: prefix tokens it gave back for hits, blocks it holds now
+            "prefix_cache_hits_host": bm.host.reloads * bm.block_size if bm.host else 0,
+            "kv_host_blocks": bm.host.num_blocks if bm.host else 0,
             **(self.spec.stats() if self.spec is not None else {}),
         }
 
