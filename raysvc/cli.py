@@ -130,16 +130,13 @@ def serve_args_from_cli(args: argparse.Namespace):
     from raysvc.serve.args import ServeArgs
 
     engine = engine_from_cli(args)
-    autoscaling = {}
-    if args.worker_autoscaling is not None:
-        try:
-            autoscaling = json.loads(args.worker_autoscaling)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--worker-autoscaling: not JSON ({e}); e.g. "
-                             '\'{"target_ongoing_requests": 32, "downscale_delay_s": 300}\'') \
-                from None
+    autoscaling = _json_flag("--worker-autoscaling", args.worker_autoscaling,
+                             '{"target_ongoing_requests": 32, "downscale_delay_s": 300}')
+    placement = _json_flag("--placement", args.placement,
+                           '{"pull_weight": 0, "lora_affinity_tokens": 512}')
     return ServeArgs(model=args.model, served_model_name=args.served_model_name,
-                     num_workers=args.num_workers, min_workers=args.min_workers,
+                     placement=placement, num_workers=args.num_workers,
+                     min_workers=args.min_workers,
                      max_workers=args.max_workers, worker_autoscaling=autoscaling, engine=engine,
                      worker_num_cpus=args.worker_cpus, worker_torch_threads=args.worker_threads,
                      stream_interval_s=args.stream_interval, max_queue_len=args.max_queue_len,
@@ -163,6 +160,15 @@ def serve_args_from_cli(args: argparse.Namespace):
                      draft_workers=args.draft_workers,
                      draft_num_cpus=args.draft_cpus, draft_num_gpus=args.draft_gpus,
                      draft_torch_threads=args.draft_threads)
+
+
+def _json_flag(flag: str, value: str | None, example: str) -> dict:
+    if value is None:
+        return {}
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not JSON ({e}); e.g. '{example}'") from None
 
 
 def check_exposure(host: str, serve_args) -> None:
@@ -268,6 +274,10 @@ def add_serve_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
                    help='JSON knobs of the scaling policy, named as Ray Serve\'s: '
                         '\'{"target_ongoing_requests": 32, "upscale_delay_s": 10, '
                         '"downscale_delay_s": 300, "drain_timeout_s": 600}\'')
+    p.add_argument("--placement", default=None,
+                   help='JSON knobs of the router\'s placement (PlacementConfig), e.g. '
+                        '\'{"pull_weight": 0}\' (no cross-worker KV pulls), '
+                        '\'{"policy": "least_loaded"}\'')
     p.add_argument("--api-key", default=None,
                    help="require Authorization: Bearer KEY (default: $RAYSVC_API_KEY)")
     p.add_argument("--allow-unauthenticated", action="store_true",

@@ -144,3 +144,14 @@ def test_cli_serve_rejects_bad_lora_flags(flags, message):
     out = subprocess.run([sys.executable, "-m", "raysvc.cli", "serve", *flags],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--placement", '{"pull_weight": x'], "--placement: not JSON"),
+    (["--placement", '{"pull_wieght": 1}'], "pull_wieght"),
+    (["--kv-offload-bytes", "-1"], "kv_offload_bytes"),
+])
+def test_cli_serve_rejects_bad_kv_fabric_flags(flags, message):
+    out = subprocess.run([sys.executable, "-m", "raysvc.cli", "serve", *flags],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
