@@ -108,17 +108,28 @@ def test_worker_range_defaults_and_errors():
             ServeArgs(**kw)
 
 
-@pytest.mark.parametrize("flags, field", [
+@pytest.mark.parametrize("flags, message", [
     (["--min-workers", "3", "--max-workers", "2"], "min_workers"),
     (["--num-workers", "9", "--max-workers", "4"], "num_workers"),
     (["--worker-autoscaling", "{upscale_delay_s: 1"], "--worker-autoscaling"),
     (["--worker-autoscaling", '{"upscale_delay_s": -1}'], "upscale_delay_s"),
     (["--worker-autoscaling", '{"bogus": 1}'], "bogus"),
+    (["--lora-modules", "sql"], "--lora-modules: 'sql' is not NAME=DIR"),
+    (["--lora-modules", "a=/x", "a=/y"], "'a' is given twice"),
+    (["--lora-modules", "sql=/nonexistent/adapter"], "is not a directory"),
+    (["--lora-modules", '{"name": "sql"}'], '{"name": NAME, "path": DIR}'),
+    (["--max-loras", "0", "--enable-lora"], "max_loras"),
+    (["--allow-runtime-lora-updating"], "allow_runtime_lora_updating"),
+    (["--placement", '{"pull_weight": x'], "--placement: not JSON"),
+    (["--placement", '{"pull_wieght": 1}'], "pull_wieght"),
+    (["--kv-offload-bytes", "-1"], "kv_offload_bytes"),
 ])
-def test_cli_serve_rejects_bad_scaling_flags(flags, field):
+def test_cli_serve_refuses_bad_flags_before_starting(flags, message):
+    """Scaling, LoRA and KV-fabric flags: refused before anything starts, naming the flag,
+    the field or the adapter's file."""
     out = subprocess.run([sys.executable, "-m", "raysvc.cli", "serve", *flags],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and field in out.stderr, out.stderr
+    assert out.returncode == 2 and message in out.stderr, out.stderr
 
 
 def test_serve_config_file_with_a_bad_range_is_refused():
@@ -129,29 +140,3 @@ def test_serve_config_file_with_a_bad_range_is_refused():
     with pytest.raises(Exception, match="min_workers"):
         call_user_app_builder_with_args_if_necessary(build_app,
                                                      {"min_workers": 4, "max_workers": 2})
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--lora-modules", "sql"], "--lora-modules: 'sql' is not NAME=DIR"),
-    (["--lora-modules", "a=/x", "a=/y"], "'a' is given twice"),
-    (["--lora-modules", "sql=/nonexistent/adapter"], "is not a directory"),
-    (["--lora-modules", '{"name": "sql"}'], '{"name": NAME, "path": DIR}'),
-    (["--max-loras", "0", "--enable-lora"], "max_loras"),
-    (["--allow-runtime-lora-updating"], "allow_runtime_lora_updating"),
-])
-def test_cli_serve_rejects_bad_lora_flags(flags, message):
-    """Refused before anything starts, naming the flag or the adapter's file."""
-    out = subprocess.run([sys.executable, "-m", "raysvc.cli", "serve", *flags],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and message in out.stderr, out.stderr
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--placement", '{"pull_weight": x'], "--placement: not JSON"),
-    (["--placement", '{"pull_wieght": 1}'], "pull_wieght"),
-    (["--kv-offload-bytes", "-1"], "kv_offload_bytes"),
-])
-def test_cli_serve_rejects_bad_kv_fabric_flags(flags, message):
-    out = subprocess.run([sys.executable, "-m", "raysvc.cli", "serve", *flags],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and message in out.stderr, out.stderr
