@@ -59,3 +59,19 @@ def test_the_tier_is_bounded_and_least_recently_used_goes_first(make_checkpoint)
     llm.generate(_prompts(4), GREEDY)
     assert tier.num_blocks == 5 and tier.spills > 5
     assert_no_leaks(llm.engine)
+
+
+def test_a_reload_that_pushes_its_own_blocks_out_of_a_full_tier_still_lands(make_checkpoint):
+    """Reloading takes device blocks, which evicts other prefixes into the tier, which drops
+    its oldest entries -- possibly the very chain being reloaded. It was copied first."""
+    path, _ = make_checkpoint("llama")
+    a, b, c = _prompts(3)
+    llm = LLM(path, block_size=BLOCK, num_kv_blocks=16, kv_offload_bytes=1 << 20)
+    llm.engine.block_manager.host.capacity_blocks = 8
+    (first,) = llm.generate([a], GREEDY)
+    llm.generate([b], GREEDY)
+    llm.generate([c], GREEDY)  # a's blocks now in the full tier, b's still on the device
+    (again,) = llm.generate([a], GREEDY)
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert llm.stats()["prefix_cache_hits_host"] > 0
+    assert_no_leaks(llm.engine)

@@ -124,6 +124,7 @@ def test_a_busy_holder_gives_way_to_a_worker_that_pulls_only_when_pulling_is_fas
     names the holder as the pull source iff the taker's cost model says a pull of those
     blocks beats recomputing them."""
     from raysvc.cluster.messages import WorkerLoad
+    from raysvc.cluster.placement import pull_cost
 
     workers = [_worker(f"w{i}") for i in range(2)]
     for w in workers:
@@ -133,17 +134,18 @@ def test_a_busy_holder_gives_way_to_a_worker_that_pulls_only_when_pulling_is_fas
     for _ in range(4):
         _admit(workers[0], prefix)  # w0 holds it and runs hot
     # slow prefill (1k tok/s: 320 ms for 20 blocks), fast transfer (1 GB/s: 6 ms): pull
-    workers[1].load = WorkerLoad(prefill_tokens_per_s=1_000, kv_bytes_per_s=1e9,
-                                 pull_overhead_s=0.005)
+    workers[1].pull_cost = pull_cost(workers[1].info, WorkerLoad(
+        prefill_tokens_per_s=1_000, kv_bytes_per_s=1e9, pull_overhead_s=0.005))
     pick, matched = placer.choose(workers, workers, prefix)
     assert pick is workers[1] and matched == 0
     assert placer.pull == (workers[0], len(prefix))
     # fast prefill (1M tok/s), slow transfer: recompute, no pull
-    workers[1].load = WorkerLoad(prefill_tokens_per_s=1e6, kv_bytes_per_s=1e6,
-                                 pull_overhead_s=0.005)
+    workers[1].pull_cost = pull_cost(workers[1].info, WorkerLoad(
+        prefill_tokens_per_s=1e6, kv_bytes_per_s=1e6, pull_overhead_s=0.005))
     assert placer.choose(workers, workers, prefix)[0] is workers[1] and placer.pull is None
     # no cost model reported yet: no pull
-    workers[1].load = WorkerLoad()
+    workers[1].pull_cost = pull_cost(workers[1].info, WorkerLoad())
+    assert workers[1].pull_cost is None
     assert placer.choose(workers, workers, prefix)[0] is workers[1] and placer.pull is None
 
 

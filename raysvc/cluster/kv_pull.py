@@ -11,8 +11,8 @@ it would have without the fabric. Concurrent requests of one prefix share one pu
 
 `KVCostModel` is what the router weighs a pull with: this worker's prefill rate (tokens/s,
 timed at start-up with one forward pass) against the rate KV bytes arrive (timed at
-start-up through the object store, then refined by every pull) plus a fixed cost per pull
-(the two Ray calls and the engine-thread hops).
+start-up with a buffer's copies and serialization, then refined by every pull) plus a
+fixed cost per pull (the two Ray calls and the engine-thread hops).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class KVCostModel:
 
 
 def measure_cost_model(engine: Any) -> KVCostModel:
-    """Time one prefill forward pass and one KV buffer through the object store (or a
-    host copy without Ray) on this worker: the start-up estimates."""
+    """Time one prefill forward pass and one KV buffer's transfer copies (device -> host,
+    serialized as Ray does, host -> device) on this worker: the start-up estimates."""
     import torch
 
     from raysvc.engine.sampling_params import SamplingParams

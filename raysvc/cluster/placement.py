@@ -92,6 +92,7 @@ class WorkerEntry:
     recent_time: float = 0.0  # ... as of this time
     shed_after: float = 0.0  # not asked to shed work again before this (monotonic)
     loras: set[str] = field(default_factory=set)  # LoRA adapters loaded (reported, placed)
+    pull_cost: KVCostModel | None = None  # its KV pull cost model (from its load reports)
 
     def recent_at(self, now: float, half_life_s: float) -> float:
         return self.recent * 0.5 ** ((now - self.recent_time) / half_life_s)
@@ -157,14 +158,18 @@ class WorkerEntry:
                 and self.used_blocks + blocks <= self.info.kv_blocks_total)
 
 
+def pull_cost(info: WorkerInfo, load: WorkerLoad) -> KVCostModel | None:
+    """A worker's pull cost model, from a load report (None while it reports none)."""
+    if not (load.prefill_tokens_per_s and load.kv_bytes_per_s and info.kv_bytes_per_block):
+        return None
+    return KVCostModel(info.block_size, info.kv_bytes_per_block, load.prefill_tokens_per_s,
+                       load.kv_bytes_per_s, load.pull_overhead_s)
+
+
 def _pull_worth(w: WorkerEntry, blocks: int) -> bool:
     """Would worker `w` get `blocks` prefix blocks faster by pulling them than by computing
-    them? By its reported cost model (kv_pull.KVCostModel); no report yet: no."""
-    load = w.load
-    if not (load.prefill_tokens_per_s and load.kv_bytes_per_s and w.info.kv_bytes_per_block):
-        return False
-    return KVCostModel(w.block_size, w.info.kv_bytes_per_block, load.prefill_tokens_per_s,
-                       load.kv_bytes_per_s, load.pull_overhead_s).worth(blocks)
+    them? By its reported cost model; no report yet: no."""
+    return w.pull_cost is not None and w.pull_cost.worth(blocks)
 
 
 def _least_loaded_key(w: WorkerEntry) -> tuple:
@@ -217,8 +222,9 @@ class Placer:
     def _by_prefix(self, all_workers: list[WorkerEntry], fits: list[WorkerEntry],
                    hashes: list[bytes], now: float,
                    lora: str | None = None) -> tuple[WorkerEntry | None, int]:
-        # One pass over the workers, no helper calls: this runs once per admission, for
-        # every worker (the router's cost per request grows with the fleet).
+        # Two plain passes over the workers (loads and matches, then scores), few helper
+        # calls: this runs once per admission, for every worker (the router's cost per
+        # request grows with the fleet).
         cfg = self.config
         half_life = cfg.load_half_life_s
         fitting = {id(w) for w in fits}

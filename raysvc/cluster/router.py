@@ -55,7 +55,7 @@ from raysvc.cluster.messages import (
     WorkerLoad,
 )
 from raysvc.cluster.metrics import ClusterMetrics
-from raysvc.cluster.placement import PlacementConfig, Placer, WorkerEntry
+from raysvc.cluster.placement import PlacementConfig, Placer, WorkerEntry, pull_cost
 from raysvc.cluster.prefix_index import PrefixIndex
 from raysvc.cluster.wait_queue import Waiting, WaitQueue
 
@@ -689,6 +689,7 @@ class Router:
                 self.metrics.worker(worker.info.worker_id, result, previous=worker.load)
                 worker.load, worker.missed_reports = result, 0
                 worker.loras = set(result.loras)
+                worker.pull_cost = pull_cost(worker.info, result)
                 self._reconcile(worker, result.request_ids)
                 self._sync_loras(worker, result.lora_modules)
             elif isinstance(result, TimeoutError):
@@ -723,6 +724,10 @@ class Router:
             for w, r in zip(workers, results, strict=True):
                 if not isinstance(r, BaseException):
                     w.handle.remove_lora.remote(name)
+            # a report taken meanwhile may have adopted it from a worker that had it
+            self._loras_removed.add(name)
+            if self.loras is not None:
+                self.loras.pop(name, None)
             cause = getattr(failed[0], "cause", failed[0])
             raise ValueError(str(cause)) from None
         self.loras = {**(self.loras or {}), name: path}

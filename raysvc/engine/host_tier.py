@@ -53,15 +53,19 @@ class HostTier:
         if end == start:
             return 0
         chain = hashes[:end]
+        # held here: taking device blocks may evict others into this tier, which may drop
+        # its oldest entries -- these among them
+        saved = {h: self.store[h] for h in chain[start:]}
 
         def write(blocks: list[int], positions: list[int]) -> None:
-            kv = torch.stack([self.store[chain[p]] for p in positions], dim=2)
+            kv = torch.stack([saved[chain[p]] for p in positions], dim=2)
             dst = torch.tensor(blocks, device=self.data.device)
             self.data.index_copy_(2, dst, kv.to(self.data.device, non_blocking=True))
 
         n = block_manager.import_prefix(chain, write)
         for h in chain[start:start + n]:
-            self.store.move_to_end(h)
+            if h in self.store:
+                self.store.move_to_end(h)
         self.reloads += n
         return n
 

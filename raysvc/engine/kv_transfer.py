@@ -42,12 +42,17 @@ class KVBlocks:
 
 
 def kv_fingerprint(engine: LLMEngine) -> dict[str, Any]:
-    """The engine's KV identity: blocks move only between engines where all of it is equal."""
-    config = (engine.model_path / "config.json").read_bytes()
-    data = engine.runner.kv_cache.data
-    return {"model": hashlib.sha256(config).hexdigest()[:16], "dtype": str(data.dtype),
+    """The engine's KV identity: blocks move only between engines where all of it is equal.
+    Computed once per engine (it reads the model's config file)."""
+    fp = engine.__dict__.get("_kv_fingerprint")
+    if fp is None:
+        config = (engine.model_path / "config.json").read_bytes()
+        data = engine.runner.kv_cache.data
+        fp = engine.__dict__["_kv_fingerprint"] = {
+            "model": hashlib.sha256(config).hexdigest()[:16], "dtype": str(data.dtype),
             "block_size": engine.config.block_size,
             "layout": [data.shape[0], data.shape[4], data.shape[5]]}
+    return fp
 
 
 def export_blocks(engine: LLMEngine, block_hashes: list[bytes]) -> KVBlocks | None:

@@ -66,6 +66,9 @@ class LLMEngine:
             max_len = mc.sliding_window
 
         model = load_model(model_path, mc, self.dtype, self.device, max_len)
+        # before the KV pool is sized: the adapters' device stacks take memory too
+        lora_slots = LoRASlots(mc, model.layers, config.max_loras, config.max_lora_rank,
+                               self.dtype, self.device) if config.enable_lora else None
         backend = make_backend(config.attention_backend, self.device)
         # Room for the step's activations: logits of every sequence plus hidden states.
         reserve = config.max_num_batched_tokens * mc.hidden_size * 64 + \
@@ -87,6 +90,7 @@ class LLMEngine:
                                    config.max_num_batched_tokens,
                                    config.max_loras if config.enable_lora else 0)
         self.runner = ModelRunner(model, kv_cache, backend)
+        self.runner.lora_slots = lora_slots
         offload = config.kv_offload_bytes
         if offload is None:
             offload = 4 << 30 if self.device.type == "cuda" else 0
@@ -97,8 +101,6 @@ class LLMEngine:
             self.loras = LoRARegistry(mc, config.max_lora_rank,
                                       config.max_cpu_loras or config.max_loras, self.dtype,
                                       config.lora_modules)
-            self.runner.lora_slots = LoRASlots(mc, model.layers, config.max_loras,
-                                               config.max_lora_rank, self.dtype, self.device)
         if self.runner.backend.name == "triton" and self.device.type == "cuda":
             warm_up(self.runner, self.block_manager,
                     min(config.max_num_batched_tokens, self.max_model_len))

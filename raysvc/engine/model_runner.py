@@ -47,16 +47,21 @@ class ModelRunner:
         elif not isinstance(logits, LogitsPlan):
             logits = LogitsPlan(indices=list(logits))
         size = None
-        if self.graphs is not None and not self._adapters(batch):
+        if self.graphs is not None and not self._slots(batch):
             size = self.graphs.padded_size(batch)
         return self.builder.build(batch, logits, pad_to=size)
 
-    def _adapters(self, batch: SchedulerOutput) -> dict[int, object]:
-        """The step's LoRA adapters, by identity (a reloaded name is another adapter)."""
+    def _slots(self, batch: SchedulerOutput) -> dict[int, int]:
+        """The step's LoRA adapters in device slots: id(adapter) -> slot (adapters told
+        apart by identity: a reloaded name is another adapter); decided once per step."""
         if self.lora_slots is None:
             return {}
-        return {id(s.seq.request.lora): s.seq.request.lora for s in batch.scheduled
-                if s.seq.request.lora is not None}
+        if batch.lora_slots is None:
+            adapters = {id(s.seq.request.lora): s.seq.request.lora for s in batch.scheduled
+                        if s.seq.request.lora is not None}
+            batch.lora_slots = self.lora_slots.activate(list(adapters.values())) \
+                if adapters else {}
+        return batch.lora_slots
 
     def execute(self, step: StepBatch) -> torch.Tensor:
         """Run one step; return logits [len(step.logits.indices), vocab], one row per
@@ -79,18 +84,16 @@ class ModelRunner:
         each adapter's tokens then form one run, and the step's slots mostly a range
         (`LoRABatch` slices instead of gathering). Rows may come in any order: the step's
         plan follows `batch.scheduled`."""
-        adapters = self._adapters(batch)
-        if adapters:
-            slot_of = self.lora_slots.activate(list(adapters.values()))
+        slot_of = self._slots(batch)
+        if slot_of:
             batch.scheduled.sort(key=lambda s: -1 if s.seq.request.lora is None
                                  else slot_of[id(s.seq.request.lora)])
 
     def _lora_batch(self, batch: SchedulerOutput) -> LoRABatch | None:
-        """The step's adapters in slots, and each token's slot; None without adapters."""
-        adapters = self._adapters(batch)
-        if not adapters:
+        """Each token's slot, for a step with adapters; None without."""
+        slot_of = self._slots(batch)
+        if not slot_of:
             return None
-        slot_of = self.lora_slots.activate(list(adapters.values()))
         token_slots: list[int] = []
         for item in batch.scheduled:
             lora = item.seq.request.lora

@@ -52,6 +52,8 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst)
+    # id(LoRA adapter) -> its device slot, for a step with adapters (ModelRunner sets it)
+    lora_slots: dict[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -6,10 +6,9 @@ adapter (or none), so the base matmul runs once for everyone and only the small 
 products differ per row — never one engine per adapter (S-LoRA, Punica, vLLM).
 
 Layout. The model fuses q|k|v and gate|up, so an adapter's modules are grouped the same
-way: per group and layer, the active adapters' A matrices are stacked into
-[max_loras, G * max_lora_rank, in] and their B matrices into a block-diagonal
-[max_loras, out, G * max_lora_rank] (G = 3 for qkv, 2 for gate_up, 1 for o and down). A
-group then costs one shrink (x @ A^T) and one expand (@ B^T) per adapter in the step,
+way: per group and layer, each slot's A matrices are stacked into G * max_lora_rank rows
+(G = 3 for qkv, 2 for gate_up, 1 for o and down) and its B matrices into the matching
+block-diagonal columns, so a group costs one shrink (x @ A^T) and one expand (@ B^T)
 whatever the adapter targets: a module it does not target is zeros. `scaling`
 (lora_alpha / r, or / sqrt(r) with rsLoRA) is folded into B at load.
 
@@ -21,8 +20,8 @@ Who keeps what:
   or reloading a name never changes a running request's weights);
 - `LoRASlots`: the device-side stacks; `activate` puts a step's adapters into slots
   (LRU among `max_loras`); the scheduler guarantees a step never needs more;
-- `LoRABatch`: one step's per-token slot (-1 = the base model), applied by the model
-  after each fused linear (`add`).
+- `LoRABatch`: one step's per-token slot (-1 = the base model); the model calls its
+  `linear` in place of each fused linear.
 """
 
 from __future__ import annotations
@@ -73,10 +72,6 @@ class LoRAAdapter:
     rank: int
     # (layer, module) -> (A [r, in], scaling * B [out, r]), host memory, model dtype
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def num_bytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
 def load_adapter(name: str, path: str | Path, config: ModelConfig, max_lora_rank: int,
