@@ -5,7 +5,8 @@ resource) with a small KV pool, so a random workload both stores and evicts pref
 Checks: the router's per-worker index equals each worker's actual cached hashes after a
 random workload; 16 greedy streams survive a worker being killed mid-stream with exactly
 the tokens of an undisturbed run, and the restarted worker re-joins; a drained worker
-finishes its requests, takes no new ones and leaves.
+moves its streams to the other node with their KV (live migration), takes no new
+requests and leaves.
 """
 
 from __future__ import annotations
@@ -136,25 +137,34 @@ def test_failover_keeps_16_greedy_streams_exact(cluster, caplog):
     assert _wait_consistent(ray, router, workers) == {}
 
 
-def test_drained_worker_finishes_its_requests_then_leaves(cluster):
+def test_drained_worker_migrates_its_streams_takes_no_more_and_leaves(cluster):
+    """[kv-fabric] step 4 across two nodes: the drained worker's running streams move to
+    the other worker with their KV (live migration) and go on token-identical to an
+    undisturbed run, recomputing nothing; new requests avoid it; it leaves, empty."""
     ray, router, workers = cluster
+    from raysvc import LLM, SamplingParams
     from raysvc.cluster import ClusterClient
 
-    def routed() -> dict[str, int]:
-        stats = ray.get(router.stats.remote(), timeout=60)
-        return {w["worker_id"]: w["requests_routed"] for w in stats["workers"]}
+    prompts = [[40 + i] + list(range(41, 41 + 20 + 9 * i)) for i in range(8)]
+    lengths = [200] * 4 + [30] * 4  # the early ones outlive the drain's start
+    expected = [LLM(num_kv_blocks=256).generate([p], SamplingParams(
+        temperature=0, max_tokens=n, ignore_eos=True))[0].outputs[0].token_ids
+        for p, n in zip(prompts, lengths, strict=True)]
 
-    before = routed()
+    def by_worker() -> dict[str, dict]:
+        return {w["worker_id"]: w for w in ray.get(router.stats.remote(), timeout=60)["workers"]}
+
+    before = by_worker()
+    migrated = ray.get(router.stats.remote(), timeout=60)["requests_migrated"]
 
     async def main():
         client = ClusterClient(router)
 
         async def one(i: int, started: asyncio.Event) -> list[int]:
             tokens: list[int] = []
-            params = {"temperature": 0.0, "max_tokens": 200 if i < 4 else 30,
-                      "ignore_eos": True}  # the early ones outlive the drain's start
-            async for chunk in client.generate(f"d{i}-{time.monotonic_ns()}",
-                                               [40 + i, 41, 42, 43], params):
+            params = {"temperature": 0.0, "max_tokens": lengths[i], "ignore_eos": True}
+            async for chunk in client.generate(f"d{i}-{time.monotonic_ns()}", prompts[i],
+                                               params):
                 tokens += [t for d in chunk.deltas for t in d.token_ids]
                 started.set()
             return tokens
@@ -162,19 +172,30 @@ def test_drained_worker_finishes_its_requests_then_leaves(cluster):
         events = [asyncio.Event() for _ in range(8)]
         early = [asyncio.create_task(one(i, events[i])) for i in range(4)]
         await asyncio.gather(*(e.wait() for e in events[:4]))
-        drain = router.drain_worker.remote("worker-1", 120)
+        running = (await router.stats.remote())["workers"]
+        victim = max(running, key=lambda w: w["requests_admitted"])["worker_id"]
+        drain = router.drain_worker.remote(victim, 120)
         stats = await router.stats.remote()  # ordered after the drain's start
-        (w1,) = [w for w in stats["workers"] if w["worker_id"] == "worker-1"]
+        (at_drain,) = [w for w in stats["workers"] if w["worker_id"] == victim]
         late = [asyncio.create_task(one(i, events[i])) for i in range(4, 8)]
-        return await asyncio.gather(*early, *late), await drain, w1
+        return await asyncio.gather(*early, *late), await drain, at_drain
 
-    results, drained, w1_at_drain = asyncio.run(asyncio.wait_for(main(), 240))
-    assert [len(r) for r in results] == [200] * 4 + [30] * 4
-    assert w1_at_drain["draining"] and w1_at_drain["requests_admitted"] >= 1, w1_at_drain
-    assert drained is True
-    after = routed()
-    assert list(after) == ["worker-0"]  # the drained worker left once its requests finished
-    held = w1_at_drain["requests_routed"] - before["worker-1"]
-    assert after["worker-0"] - before["worker-0"] == 8 - held  # all late ones went to w0
-    ray.get(router.add_worker.remote("worker-1", workers["worker-1"]), timeout=60)
+    results, drained, at_drain = asyncio.run(asyncio.wait_for(main(), 240))
+    assert results == expected
+    victim = at_drain["worker_id"]
+    (other,) = set(workers) - {victim}
+    held = at_drain["requests_admitted"]
+    assert at_drain["draining"] and drained is True and held >= 1, at_drain
+    stats = ray.get(router.stats.remote(), timeout=60)
+    assert stats["requests_migrated"] - migrated == held
+    after = by_worker()
+    assert list(after) == [other]  # the drained worker left
+    w, b = after[other], before[other]
+    # every late request, and each migrated stream's continuation, went to the other
+    assert w["requests_routed"] - b["requests_routed"] == 8
+    assert w["kv_migrations_in"] - b["kv_migrations_in"] == held
+    assert w["kv_migration_failures"] == b["kv_migration_failures"]
+    assert w["kv_tokens_carried"] > b["kv_tokens_carried"]
+    assert w["kv_blocks_free"] == w["kv_blocks_total"] and w["requests_in_flight"] == 0
+    ray.get(router.add_worker.remote(victim, workers[victim]), timeout=60)
     assert len(ray.get(router.workers.remote(), timeout=30)) == 2

@@ -34,11 +34,21 @@ class FakeWorker:
         self.gate, self.fail = gate, fail
         self.killed = False
         self.handed_over = 0
+        self.migrations = 0
         self.info = _Method(self._info)
         self.load = _Method(self._load)
         self.health = _Method(self._load)
         self.hand_over = _Method(self._hand_over)
         self.requests = _Method(self._requests)
+        self.migrate = _Method(self._migrate)
+        self.migrations_held = _Method(self._held)
+
+    async def _migrate(self, hold_s):
+        self.migrations += 1
+        return 0, 0  # what it holds cannot move (n > 1 samples): it stays till the deadline
+
+    async def _held(self):
+        return 0
 
     async def _requests(self):
         return []
@@ -153,10 +163,11 @@ def test_scale_down_drains_the_idle_worker_on_the_emptiest_node():
     run(main())
 
 
-def test_draining_worker_finishes_then_hands_over_at_its_deadline():
+@pytest.mark.parametrize("migrate", [True, False])
+def test_draining_worker_finishes_then_hands_over_at_its_deadline(migrate):
     async def main():
         fleet = Fleet()
-        router, pool = make(fleet, lo=1, hi=2, drain_timeout_s=0.2)
+        router, pool = make(fleet, lo=1, hi=2, drain_timeout_s=0.2, migrate_on_drain=migrate)
         await pool.start(2, 5)
         t0 = await router.acquire("a", 10)
         t1 = await router.acquire("b", 10)
@@ -168,6 +179,8 @@ def test_draining_worker_finishes_then_hands_over_at_its_deadline():
         t2 = await router.acquire("c", 10)
         assert t2.worker_id != victim
         await asyncio.sleep(0.5)  # past the 0.2 s deadline: its request is handed over
+        # live migration is tried first, at the drain's start (unless turned off)
+        assert fleet.started[victim].migrations == int(migrate)
         assert fleet.started[victim].handed_over == 1
         mine = t0 if t0.worker_id == victim else t1
         router.release(mine.ticket_id)  # the client moved it (failover releases the ticket)

@@ -15,6 +15,16 @@ Part 2 (host tier): one engine, no Ray, a device pool of `--pool-blocks` and a w
 of prefixes four times as large, asked for in random order (each request a prefix plus a
 fresh suffix), with and without `kv_offload_bytes`: prefix-cache hit rate, hits served by
 the host tier, and requests/s.
+
+Part 3 (migrate): live migration on drain. For each way of draining, a router with one
+worker A runs `--streams` greedy streams (`--stream-prompt-len` prompt tokens each,
+`--stream-max-tokens` outputs); once every stream has `--drain-after` tokens, worker B
+joins and A is drained: with live migration (the streams move with their KV), or handed
+over at once with the continuation's prefix pulled from A (the kv fabric without
+migration), or handed over and re-prefilled. Prints the tokens recomputed (every token
+both engines computed, minus the undisturbed run's streams x (prompt + outputs - 1)),
+the longest gap between two chunks of any stream after the drain began (vs the median
+gap before it), and whether every stream's tokens equal across the runs.
 """
 
 from __future__ import annotations
@@ -93,25 +103,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--pool-blocks", type=int, default=128, help="part 2's device pool")
     p.add_argument("--requests", type=int, default=64, help="part 2's requests")
-    p.add_argument("--part", choices=["pull", "tier", "both"], default="both")
+    p.add_argument("--streams", type=int, default=16, help="part 3's streams")
+    p.add_argument("--stream-prompt-len", type=int, default=1000, help="part 3's prompts")
+    p.add_argument("--stream-max-tokens", type=int, default=128, help="part 3's outputs")
+    p.add_argument("--drain-after", type=int, default=16,
+                   help="part 3: tokens every stream has before the drain")
+    p.add_argument("--part", choices=["pull", "tier", "migrate", "all"], default="all")
     args = p.parse_args(argv)
     model = random_llama(Path(tempfile.mkdtemp(prefix="raysvc-bench-kv-")) / "model",
                          args.hidden_size)
-    if args.part in ("pull", "both"):
+    if args.part in ("pull", "all"):
         pull(args, model)
-    if args.part in ("tier", "both"):
+    if args.part in ("tier", "all"):
         host_tier(model, args.dtype, args.pool_blocks, args.requests)
+    if args.part in ("migrate", "all"):
+        migration(args, model)
     return 0
 
 
-def pull(args, model: str) -> None:
-
+def _local_ray():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="error")
+    return ray
+
+
+def pull(args, model: str) -> None:
     from raysvc.cluster import WorkerSpec, add_workers, start_router
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="error")
+    ray = _local_ray()
     spec = WorkerSpec(engine_kwargs={"model": model, "dtype": args.dtype, "block_size": 16,
                                      "num_kv_blocks": 1024, "max_num_batched_tokens": 4096},
                       num_cpus=0, torch_threads=1)
@@ -157,6 +178,89 @@ def pull(args, model: str) -> None:
     print(f"pulls: {pulls}, blocks {pulled}, {pull_bytes / 2**20:.1f} MiB, "
           f"{pull_s * 1000 / max(pulls, 1):.1f} ms per pull at the puller; recomputes "
           f"avoided: {pulled * 16} tokens")
+
+
+MIGRATION_RUNS = (  # name, live migration, the router's pull_weight
+    ("live migration", True, 0.7),
+    ("hand-over + prefix pull", False, 0.7),
+    ("hand-over, re-prefill", False, 0.0),
+)
+
+
+def migration(args, model: str) -> None:
+    from raysvc.cluster import ClusterClient, WorkerSpec, add_workers, start_router
+    from raysvc.cluster.launch import start_worker
+
+    ray = _local_ray()
+    max_tokens, streams, plen = args.stream_max_tokens, args.streams, args.stream_prompt_len
+    blocks = 2 * streams * -(-(plen + max_tokens) // 16) + 64
+    spec = WorkerSpec(engine_kwargs={"model": model, "dtype": args.dtype, "block_size": 16,
+                                     "num_kv_blocks": blocks, "max_num_batched_tokens": 4096,
+                                     "max_model_len": 4096},
+                      num_cpus=0, torch_threads=1)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 8000, (plen,), generator=g).tolist() for _ in range(streams)]
+    params = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True}
+    rows, outputs = [], []
+    for run, (name, migrate, pull_weight) in enumerate(MIGRATION_RUNS):
+        router = start_router(health_interval_s=0.3, events_wait_s=0.2,
+                              placement={"pull_weight": pull_weight})
+        a = add_workers(router, spec, 1, prefix=f"A{run}", timeout_s=600)
+        b = start_worker(f"B{run}", spec, router)  # loaded now, joins the router later
+        ray.get(b.info.remote(), timeout=600)
+
+        async def measure(router=router, migrate=migrate, run=run, b=b):
+            client = ClusterClient(router)
+            arrivals: list[list[float]] = [[] for _ in prompts]
+            tokens: list[list[int]] = [[] for _ in prompts]
+            ready = asyncio.Event()
+
+            async def one(i: int) -> None:
+                async for chunk in client.generate(f"m{run}-{i}", prompts[i], params):
+                    got = [t for d in chunk.deltas for t in d.token_ids]
+                    if got:
+                        tokens[i] += got
+                        arrivals[i].append(time.perf_counter())
+                    if all(len(t) >= args.drain_after for t in tokens):
+                        ready.set()
+
+            tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
+            await ready.wait()
+            await router.add_worker.remote(f"B{run}", b)
+            await asyncio.sleep(0.5)  # the router has B's load report (its pull cost model)
+            drained_at = time.perf_counter()
+            # without migration: handed over at once (a drain at its deadline)
+            await router.drain_worker.remote(f"A{run}-0", 600 if migrate else 0, migrate)
+            await asyncio.gather(*tasks)
+            return tokens, arrivals, drained_at
+
+        tokens, arrivals, drained_at = asyncio.run(measure())
+        computed = ray.get(a[f"A{run}-0"].load.remote(), timeout=60).num_computed_tokens
+        stats = ray.get(router.stats.remote(), timeout=60)
+        computed += sum(w["num_computed_tokens"] for w in stats["workers"])
+        undisturbed = streams * (plen + max_tokens - 1)
+        gaps_before = [b - a for ts in arrivals for a, b in zip(ts, ts[1:], strict=False)
+                       if b < drained_at]
+        stall = max(b - max(a, drained_at) for ts in arrivals
+                    for a, b in zip(ts, ts[1:], strict=False) if b >= drained_at)
+        carried = sum(w["kv_tokens_carried"] for w in stats["workers"])
+        rows.append((name, computed - undisturbed, stall, statistics.median(gaps_before),
+                     stats["requests_migrated"], carried))
+        outputs.append(tokens)
+        for handle in (router, b, *a.values()):
+            ray.kill(handle)
+    ray.shutdown()
+    print(f"machine: {os.cpu_count()} cores; model: random Llama hidden {args.hidden_size}, "
+          f"6 layers, {args.dtype}; {streams} streams of {plen} prompt + {max_tokens} output "
+          f"tokens; worker A drained once every stream has {args.drain_after} tokens")
+    print("| drain | tokens recomputed | longest stall of a stream | median gap before | "
+          "migrated | tokens carried |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, recomputed, stall, gap, migrated, carried in rows:
+        print(f"| {name} | {recomputed} | {stall * 1000:.0f} ms | {gap * 1000:.0f} ms | "
+              f"{migrated} | {carried} |")
+    same = all(o == outputs[0] for o in outputs)
+    print(f"every stream's tokens equal across the runs: {'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":

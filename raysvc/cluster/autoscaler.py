@@ -61,7 +61,11 @@ class AutoscalingConfig(BaseModel):
     upscaling_factor: float = Field(1.0, gt=0)
     downscaling_factor: float = Field(1.0, gt=0)
     metrics_interval_s: float = Field(1.0, gt=0)  # how often the pool decides
-    # how long a drained worker may finish its requests before they move elsewhere
+    # a drained worker's running requests move at once with their KV (live migration:
+    # nothing recomputed); off, they may finish there until drain_timeout_s
+    migrate_on_drain: bool = True
+    # how long a drained worker may finish the requests it keeps before they move
+    # elsewhere (re-prefilled)
     drain_timeout_s: float = Field(600.0, ge=0)
     # a worker not ready by then (no node has room, or its model loads too slowly) is
     # reported, stopped and started again (a GPU node can take minutes to join)

@@ -20,8 +20,11 @@ restarts its generator, so it continues validly but not bit-identically; penalti
 count only output tokens (presence, frequency) see the earlier output as prompt; a
 structured output's grammar resumes after the earlier output (`continued_output_tokens`).
 
-A draining worker past its deadline hands its requests over (`StreamChunk.handed_over`):
-the same continuation, without reporting the worker as failed or counting an attempt.
+A draining worker hands its requests over (`StreamChunk.handed_over`): the same
+continuation, without reporting the worker as failed or counting an attempt. Live
+migration: a running request leaves the draining worker with its KV
+(`StreamChunk.migrated`); its continuation's submit names that worker and the request
+(`resume`), the new worker takes the KV from it and recomputes nothing.
 """
 
 from __future__ import annotations
@@ -71,12 +74,15 @@ class _ChannelReader:
         self._sending = False
 
     def submit(self, request_id: str, prompt: list[int], params: dict[str, Any],
-               priority: int, pull: tuple[Any, list[bytes]] | None = None) -> asyncio.Future:
-        """Start a request on the worker (after it pulled `pull`'s prefix blocks, if any);
-        the future fails with what refused it (a ValueError for bad params, the engine's
-        failure, the actor's death)."""
+               priority: int, pull: tuple[Any, list[bytes]] | None = None,
+               resume: tuple[Any, str] | None = None) -> asyncio.Future:
+        """Start a request on the worker (after it pulled `pull`'s prefix blocks, or took
+        a migrated KV named by `resume`, if any); the future fails with what refused it
+        (a ValueError for bad params, the engine's failure, the actor's death)."""
         future = asyncio.get_running_loop().create_future()
-        item = (request_id, prompt, params, priority) + ((pull,) if pull is not None else ())
+        item = (request_id, prompt, params, priority)
+        if pull is not None or resume is not None:
+            item += (pull, resume)
         self._submits.append((item, future))
         if not self._sending:
             self._sending = True
@@ -225,6 +231,7 @@ class ClusterClient:
         produced = False
         failures = 0
         avoid: str | None = None  # the worker that just handed this request over
+        resume: tuple[Any, str] | None = None  # (that worker, ticket) holding its KV
         for attempt in itertools.count():
             if produced and n > 1:  # the samples diverged: each goes on as its own request
                 async for chunk in self._continue_samples(request_id, prompt_token_ids, params,
@@ -234,6 +241,7 @@ class ClusterClient:
             ticket_id = f"{request_id}/{attempt}"
             generated = outputs[0] if n == 1 else []
             prompt = list(prompt_token_ids) + generated
+            taking, resume = resume, None  # a migrated KV is offered to one attempt only
             ticket: Ticket | None = None
             channel: _ChannelReader | None = None
             finished = False
@@ -250,10 +258,10 @@ class ClusterClient:
                 queue = channel.queues[ticket_id] = asyncio.Queue()
                 try:
                     pull = None
-                    if ticket.pull_from is not None:  # the prefix lives on another worker
-                        pull = (ticket.pull_from, hashes[:ticket.pull_blocks])
+                    if ticket.pull_from is not None and taking is None:
+                        pull = (ticket.pull_from, hashes[:ticket.pull_blocks])  # elsewhere
                     await channel.submit(ticket_id, prompt, _continued(params, len(generated)),
-                                         priority, pull)
+                                         priority, pull, taking)
                 except Exception as e:
                     if type(getattr(e, "cause", e)).__name__ == "EngineDeadError":
                         raise _EngineFailed(f"worker {ticket.worker_id}: engine failed") from e
@@ -263,7 +271,8 @@ class ClusterClient:
                     if isinstance(item, BaseException):
                         raise item
                     if item.handed_over:
-                        raise HandedOver(f"worker {ticket.worker_id} handed {ticket_id} over")
+                        raise HandedOver(f"worker {ticket.worker_id} handed {ticket_id} over",
+                                         migrated=item.migrated)
                     if item.request_error:  # its own failure: replaying would repeat it
                         raise RequestFailed(item.request_error)
                     if item.error:
@@ -279,6 +288,7 @@ class ClusterClient:
             except HandedOver as e:  # drained, or shedding work to a joining worker
                 logger.info("%s; continuing it elsewhere", e)
                 avoid = ticket.worker_id
+                resume = (ticket.worker, ticket_id) if e.migrated else None
             except TaskCancelledError as e:  # the channel was cancelled, not the worker
                 if ticket is None:
                     raise

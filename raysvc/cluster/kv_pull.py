@@ -13,6 +13,11 @@ it would have without the fabric. Concurrent requests of one prefix share one pu
 timed at start-up with one forward pass) against the rate KV bytes arrive (timed at
 start-up with a buffer's copies and serialization, then refined by every pull) plus a
 fixed cost per pull (the two Ray calls and the engine-thread hops).
+
+Live migration takes the same road the other way round: a draining worker's running
+sequences leave its engine with their KV (`LLMWorker.migrate`), which it holds until the
+worker each continuation lands on takes it (`KVPuller.take`); a take that fails leaves
+the continuation to recompute, as a plain hand-over would.
 """
 
 from __future__ import annotations
@@ -98,6 +103,26 @@ class KVPuller:
         self.bytes = 0
         self.seconds = 0.0
         self.failures = 0
+        self.migrations_in = 0  # migrated sequences' KV taken
+        self.migration_failures = 0
+
+    async def take(self, source: Any, request_id: str):
+        """A migrated request's `SequenceKV` from the draining worker holding it, checked
+        for this engine; None (the continuation recomputes) if it is gone or unusable."""
+        from raysvc.engine.kv_transfer import check_fingerprint
+
+        try:
+            kv = await asyncio.wait_for(source.take_migrated.remote(request_id),
+                                        self.timeout_s)
+            if kv is None:
+                raise LookupError("the draining worker no longer holds it")
+            check_fingerprint(self.engine.engine, kv.fingerprint, "resume_kv")
+        except Exception as e:
+            self.migration_failures += 1
+            logger.warning("taking %s's migrated KV failed (%r); recomputing it", request_id, e)
+            return None
+        self.migrations_in += 1
+        return kv
 
     async def pull(self, source: Any, block_hashes: list[bytes]) -> int:
         """Import what `source` holds of the chain; blocks imported (0 if it failed)."""

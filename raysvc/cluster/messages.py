@@ -36,7 +36,13 @@ class RequestFailed(RuntimeError):
 
 
 class HandedOver(RuntimeError):
-    """A draining worker gave the request back: its client continues it on another worker."""
+    """A draining worker gave the request back: its client continues it on another worker.
+    `migrated`: the worker holds the request's KV for the next worker to take
+    (`LLMWorker.take_migrated`), so the continuation recomputes nothing."""
+
+    def __init__(self, message: str = "", migrated: bool = False) -> None:
+        super().__init__(message)
+        self.migrated = migrated
 
 
 @dataclass(slots=True)
@@ -70,6 +76,7 @@ class WorkerLoad:
     prefix_cache_queries: int = 0  # tokens looked up
     num_preemptions: int = 0
     num_generated_tokens: int = 0  # since the worker started
+    num_computed_tokens: int = 0  # tokens its forward passes computed, since it started
     # speculative decoding, since the worker started (all 0 without speculation)
     spec_num_drafts: int = 0  # verifications: one per speculating sequence per step
     spec_draft_tokens: int = 0
@@ -87,6 +94,12 @@ class WorkerLoad:
     kv_pull_bytes: int = 0
     kv_pull_s: float = 0.0
     kv_pull_failures: int = 0
+    # live migration: requests that left with their KV / came with one, and takes that
+    # failed (the continuation recomputed)
+    kv_migrations_out: int = 0
+    kv_migrations_in: int = 0
+    kv_migration_failures: int = 0
+    kv_tokens_carried: int = 0  # tokens admitted with KV computed on another worker
     lora_modules: dict[str, str] = field(default_factory=dict)  # adapters it knows -> dirs
 
     @classmethod
@@ -97,6 +110,9 @@ class WorkerLoad:
                    prefix_cache_queries=stats["prefix_cache_queries"],
                    num_preemptions=stats["num_preemptions"],
                    num_generated_tokens=stats["num_generated_tokens"],
+                   num_computed_tokens=stats["num_computed_tokens"],
+                   kv_migrations_out=stats.get("num_migrated_out", 0),
+                   kv_tokens_carried=stats.get("kv_tokens_carried", 0),
                    spec_num_drafts=stats.get("spec_num_drafts", 0),
                    spec_draft_tokens=stats.get("spec_draft_tokens", 0),
                    spec_accepted_tokens=stats.get("spec_accepted_tokens", 0),
@@ -180,6 +196,7 @@ class StreamChunk:
     error: str | None = None  # the worker's engine failed: the request cannot finish
     request_error: str | None = None  # this request alone failed (RequestFailed)
     handed_over: bool = False  # the worker is leaving: continue the request elsewhere
+    migrated: bool = False  # ... and it holds the request's KV for the next worker to take
 
 
 @dataclass(slots=True)

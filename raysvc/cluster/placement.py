@@ -129,6 +129,7 @@ class WorkerEntry:
             "prefix_cache_queries": load.prefix_cache_queries,
             "num_preemptions": load.num_preemptions,
             "num_generated_tokens": load.num_generated_tokens,
+            "num_computed_tokens": load.num_computed_tokens,
             "spec_num_drafts": load.spec_num_drafts,
             "spec_draft_tokens": load.spec_draft_tokens,
             "spec_accepted_tokens": load.spec_accepted_tokens,
@@ -141,6 +142,11 @@ class WorkerEntry:
             "kv_pulls": load.kv_pulls, "kv_pull_blocks": load.kv_pull_blocks,
             "kv_pull_bytes": load.kv_pull_bytes, "kv_pull_s": round(load.kv_pull_s, 6),
             "kv_pull_failures": load.kv_pull_failures,
+            # live migration off draining workers
+            "kv_migrations_out": load.kv_migrations_out,
+            "kv_migrations_in": load.kv_migrations_in,
+            "kv_migration_failures": load.kv_migration_failures,
+            "kv_tokens_carried": load.kv_tokens_carried,
             "prefill_tokens_per_s": round(load.prefill_tokens_per_s, 1),
             "kv_bytes_per_s": round(load.kv_bytes_per_s),
         }
@@ -189,10 +195,12 @@ class Placer:
         self._oracle: dict[bytes, str] = {}  # first block hash -> worker id
 
     def choose(self, all_workers: list[WorkerEntry], fits: list[WorkerEntry],
-               hashes: list[bytes], now: float | None = None,
-               lora: str | None = None) -> tuple[WorkerEntry | None, int]:
+               hashes: list[bytes], now: float | None = None, lora: str | None = None,
+               avoided: WorkerEntry | None = None) -> tuple[WorkerEntry | None, int]:
         """The chosen worker (None: none fits) and its matched prefix blocks. `lora`: the
-        request's adapter (policy "prefix" prefers workers that hold it). Sets `pull`."""
+        request's adapter (policy "prefix" prefers workers that hold it). `avoided`: a
+        worker not to place on (it just handed the request over) that may still be a
+        pull's source. Sets `pull`."""
         self.pull = None
         policy = self.config.policy
         now = time.monotonic() if now is None else now
@@ -214,14 +222,14 @@ class Placer:
             pick = min(fits, key=_least_loaded_key)
             matched = pick.index.match(hashes, now)
         else:
-            pick, matched = self._by_prefix(all_workers, fits, hashes, now, lora)
+            pick, matched = self._by_prefix(all_workers, fits, hashes, now, lora, avoided)
         if pick is not None:
             self._routed(pick, now)
         return pick, matched
 
     def _by_prefix(self, all_workers: list[WorkerEntry], fits: list[WorkerEntry],
-                   hashes: list[bytes], now: float,
-                   lora: str | None = None) -> tuple[WorkerEntry | None, int]:
+                   hashes: list[bytes], now: float, lora: str | None = None,
+                   avoided: WorkerEntry | None = None) -> tuple[WorkerEntry | None, int]:
         # Two plain passes over the workers (loads and matches, then scores), few helper
         # calls: this runs once per admission, for every worker (the router's cost per
         # request grows with the fleet).
@@ -245,6 +253,10 @@ class Placer:
                 m = matches[id(w)] = w.index.match(hashes, now)
                 if m > most:
                     holder, most = w, m
+        if hashes and avoided is not None and not avoided.suspect:
+            m = avoided.index.match(hashes, now)  # a source, never a candidate
+            if m > most:
+                holder, most = avoided, m
         best, best_key, matched = None, None, 0
         for w in all_workers:
             if (w.draining or w.suspect) if anyone else id(w) not in fitting:

@@ -14,9 +14,11 @@ it asks the policy (`autoscaler.py`) for a target and moves the pool toward it:
 - **Scale down** drains: a worker still starting is stopped first (it holds no work);
   otherwise the one whose loss costs least — idle first, then on the node with the
   fewest other workers (so whole nodes empty and Ray can give them back), then least
-  admitted work, then least cached prefix. The router stops placing on it, its requests
-  finish; at `drain_timeout_s` the rest are handed over to other workers by the seamless
-  failover; then the actor is killed and its prefix index dropped.
+  admitted work, then least cached prefix. The router stops placing on it and its
+  running requests move to other workers with their KV (live migration,
+  `migrate_on_drain`); any it keeps (n > 1 samples) finish there, or at `drain_timeout_s`
+  are handed over to other workers by the seamless failover; once the migrated KV was
+  taken, the actor is killed and its prefix index dropped.
 - **Node drain**: Ray marks a node as draining before it removes it (preemption — a
   KubeRay pod being deleted — or the autoscaler's idle termination); workers on such a
   node drain the same way, handing their requests over before the drain's deadline, and
@@ -70,9 +72,10 @@ class PoolHost(Protocol):
     def remove_worker(self, worker_id: str) -> bool:
         """Forget a worker at once (it died, or its start is abandoned)."""
 
-    async def remove_after_drain(self, worker_id: str, timeout_s: float) -> bool:
-        """Stop placing on a worker, let its requests finish (hand over the rest at
-        `timeout_s`), then remove it."""
+    async def remove_after_drain(self, worker_id: str, timeout_s: float,
+                                 migrate: bool = True) -> bool:
+        """Stop placing on a worker, move its running requests off with their KV
+        (`migrate`), let the rest finish (hand them over at `timeout_s`), remove it."""
 
     def pool_changed(self) -> None:
         """A member failed to start: queued requests may have nobody left to wait for."""
@@ -318,25 +321,28 @@ class WorkerPool:
         if m.handle is not None:
             self.kill(m.handle)
 
-    async def drain(self, worker_id: str, timeout_s: float | None = None) -> bool:
+    async def drain(self, worker_id: str, timeout_s: float | None = None,
+                    migrate: bool | None = None) -> bool:
         """Drain one member by request (an operator, a node going away); True when gone."""
         m = self.members.get(worker_id)
         if m is None or m.state != "ready":
             return False
-        task = self._begin_drain(m, "requested", timeout_s)
+        task = self._begin_drain(m, "requested", timeout_s, migrate)
         await asyncio.shield(task)
         return True
 
-    def _begin_drain(self, m: Member, why: str, timeout_s: float | None = None) -> asyncio.Task:
+    def _begin_drain(self, m: Member, why: str, timeout_s: float | None = None,
+                     migrate: bool | None = None) -> asyncio.Task:
         logger.warning("worker pool: draining %s (%s)", m.worker_id, why)
         m.state, m.since = "draining", time.monotonic()
         timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
-        m.task = asyncio.create_task(self._drain(m, timeout_s))
+        migrate = self.config.migrate_on_drain if migrate is None else migrate
+        m.task = asyncio.create_task(self._drain(m, timeout_s, migrate))
         return m.task
 
-    async def _drain(self, m: Member, timeout_s: float) -> None:
+    async def _drain(self, m: Member, timeout_s: float, migrate: bool) -> None:
         try:
-            await self.router.remove_after_drain(m.worker_id, timeout_s)
+            await self.router.remove_after_drain(m.worker_id, timeout_s, migrate)
         finally:
             if self.members.get(m.worker_id) is m:
                 m.task = None

@@ -68,6 +68,9 @@ logger = logging.getLogger(__name__)
 
 
 BOX_IDLE_S = 120.0  # a client that has not called `exchange` this long is gone
+# how long a draining worker holds a migrated request's KV for its continuation's worker
+# (which may have to wait in the queue for room) before it recomputes instead
+MIGRATION_HOLD_S = 60.0
 
 
 @dataclass(slots=True, eq=False)
@@ -136,6 +139,7 @@ class Router:
         self._loras_removed: set[str] = set()  # unloaded: a worker still holding one drops it
         self._lora_syncs: dict[tuple[str, str], asyncio.Task] = {}  # (worker, name) -> push
         self.rebalanced = 0  # requests not yet started moved from a busy worker to an idle one
+        self.migrated = 0  # requests draining workers moved out with their KV
         self._pool_args = (worker_spec, min_workers, max_workers or min_workers, autoscaling)
         if worker_spec is not None:  # refuse bad knobs at construction, not at start
             from raysvc.cluster.autoscaler import AutoscalingConfig, ScalingPolicy
@@ -528,12 +532,14 @@ class Router:
         now = time.monotonic()
         everyone = list(self._workers.values())
         while (head := self._queue.head()) is not None:
-            workers = everyone
+            workers, avoided = everyone, None
             if head.avoid is not None and any(w.worker_id != head.avoid and not w.draining
                                               for w in workers):
                 workers = [w for w in workers if w.worker_id != head.avoid]
+                avoided = self._workers.get(head.avoid)  # may still be a pull's source
             fits = [w for w in workers if w.fits(head.num_prompt_tokens, head.n)]
-            worker, _ = self._placer.choose(workers, fits, head.hashes, now, head.lora)
+            worker, _ = self._placer.choose(workers, fits, head.hashes, now, head.lora,
+                                            avoided)
             if worker is None:
                 break
             worker.index.place(head.hashes, now)
@@ -588,24 +594,30 @@ class Router:
             logger.info("router: moved %d request(s) not yet started off %s", moved,
                         worker.worker_id)
 
-    async def drain_worker(self, worker_id: str, timeout_s: float = 600.0) -> bool:
-        """Stop placing requests on `worker_id`, wait until its admitted ones are released,
-        then remove it (scale-down, upgrade). Requests still there after `timeout_s` are
-        handed over: the worker ends their streams with a hand-over mark and their clients
-        continue them on other workers (seamless failover). A worker of the pool is also
-        stopped; the pool starts another if demand or min_workers call for it. False if
-        unknown."""
+    async def drain_worker(self, worker_id: str, timeout_s: float = 600.0,
+                           migrate: bool = True) -> bool:
+        """Stop placing requests on `worker_id`, move its requests off, then remove it
+        (scale-down, upgrade). With `migrate` (live migration) its running requests
+        leave at once with their KV and continue on other workers without recomputing
+        anything; the rest (n > 1 samples; all of them without `migrate`) may finish
+        there until `timeout_s`, then are handed over: their clients continue them
+        elsewhere, re-prefilling prompt + output (seamless failover). A worker of the
+        pool is also stopped; the pool starts another if demand or min_workers call for
+        it. False if unknown."""
         if self.pool is not None and self.pool.state_of(worker_id) == "ready":
-            return await self.pool.drain(worker_id, timeout_s)
-        return await self.remove_after_drain(worker_id, timeout_s)
+            return await self.pool.drain(worker_id, timeout_s, migrate)
+        return await self.remove_after_drain(worker_id, timeout_s, migrate)
 
-    async def remove_after_drain(self, worker_id: str, timeout_s: float) -> bool:
+    async def remove_after_drain(self, worker_id: str, timeout_s: float,
+                                 migrate: bool = True) -> bool:
         """`drain_worker` itself: the router's side of draining one worker."""
         worker = self._workers.get(worker_id)
         if worker is None:
             return False
         worker.draining = True
         self._dispatch()  # the queue head may have been waiting for this worker's prefix
+        if migrate:
+            await self._migrate(worker)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         handed_over = False
@@ -624,9 +636,35 @@ class Router:
             elif handed_over and loop.time() > deadline:
                 break
             await asyncio.sleep(0.05)
+        if migrate:  # the worker lives on until every migrated KV was taken
+            await self._migrations_taken(worker, loop.time() + MIGRATION_HOLD_S)
         if self._workers.get(worker_id) is worker:
             self.remove_worker(worker_id)
         return True
+
+    async def _migrate(self, worker: WorkerEntry) -> None:
+        try:
+            moved, handed = await asyncio.wait_for(
+                worker.handle.migrate.remote(MIGRATION_HOLD_S), self.report_timeout_s)
+        except Exception as e:  # dead or stuck: its requests fail over or wait the deadline
+            logger.warning("router: migrating off %s failed: %r", worker.worker_id, e)
+            return
+        self.migrated += moved
+        self.handed_over += handed
+        logger.info("router: %s migrated %d request(s) with their KV, handed %d over",
+                    worker.worker_id, moved, handed)
+
+    async def _migrations_taken(self, worker: WorkerEntry, until: float) -> None:
+        loop = asyncio.get_running_loop()
+        while loop.time() < until:
+            try:
+                held = await asyncio.wait_for(worker.handle.migrations_held.remote(),
+                                              self.report_timeout_s)
+            except Exception:  # gone: nothing more to wait for
+                return
+            if not held:
+                return
+            await asyncio.sleep(0.05)
 
     # -- prefix index ------------------------------------------------------------------
 
@@ -788,6 +826,7 @@ class Router:
             "target_workers": n, "min_workers": n, "max_workers": n,
             "requests_handed_over": self.handed_over,
             "requests_rebalanced": self.rebalanced,
+            "requests_migrated": self.migrated,
         }
         if self.pool is not None:
             out.update(self.pool.stats())

@@ -21,6 +21,11 @@ draft actors may be given by name (named actors of one application): then a rest
 worker finds them again whatever happened to the process that created it, and nothing
 it needs to restart lives in the object store.
 
+Draining, a worker moves its running requests out with their KV (`migrate`, live
+migration): each stream ends with a migrated hand-over mark, the worker keeps the KV
+until the worker its continuation lands on takes it (`take_migrated`), and that one
+resumes the sequence after exactly those tokens.
+
 The worker is the truth about its own requests (`requests`, and their ids in every load
 report): a restarted router rebuilds its admission ledger from them.
 """
@@ -96,6 +101,8 @@ class LLMWorker:
         self._tokens: dict[str, int] = {}  # request id -> prompt + generated tokens so far
         self._shape: dict[str, tuple[int, int]] = {}  # request id -> (prompt tokens, n)
         self._failure: BaseException | None = None
+        # request id -> (its KV, when to drop it): migrated, waiting to be taken
+        self._migrated: dict[str, tuple[Any, float]] = {}
         self._kv_log = KVEventLog()
         self._kv_news: asyncio.Event | None = None
         llm.subscribe_kv_events(self._kv_log.record)
@@ -118,7 +125,8 @@ class LLMWorker:
             lora_modules=self.engine.engine.lora_modules(),
             prefill_tokens_per_s=cost.prefill_tokens_per_s, kv_bytes_per_s=cost.kv_bytes_per_s,
             pull_overhead_s=cost.pull_overhead_s, kv_pulls=p.pulls, kv_pull_blocks=p.blocks,
-            kv_pull_bytes=p.bytes, kv_pull_s=p.seconds, kv_pull_failures=p.failures)
+            kv_pull_bytes=p.bytes, kv_pull_s=p.seconds, kv_pull_failures=p.failures,
+            kv_migrations_in=p.migrations_in, kv_migration_failures=p.migration_failures)
 
     def requests(self) -> list[tuple[str, int, int]]:
         """(request id, prompt tokens, samples) of every request here: a router rebuilding
@@ -186,10 +194,13 @@ class LLMWorker:
 
     async def submit(self, channel_id: str, request_id: str, prompt_token_ids: list[int],
                      params: dict[str, Any], priority: int = 0,
-                     pull: tuple[Any, list[bytes]] | None = None) -> None:
+                     pull: tuple[Any, list[bytes]] | None = None,
+                     resume: tuple[Any, str] | None = None) -> None:
         """Start a request whose outputs go to `channel_id`; ValueError for bad params.
         `priority` orders the engine's waiting queue (lower first). `pull`: (another
-        worker, block hashes) to import the prompt's prefix from first (kv_pull.py)."""
+        worker, block hashes) to import the prompt's prefix from first (kv_pull.py).
+        `resume`: (a draining worker, the request id it migrated) whose KV this prompt
+        continues from."""
         from raysvc.engine.sampling_params import SamplingParams
 
         ch = self._channels.setdefault(channel_id, _ChannelState())
@@ -197,11 +208,14 @@ class LLMWorker:
         self._tokens[request_id] = len(prompt_token_ids)
         self._shape[request_id] = (len(prompt_token_ids), int(params.get("n", 1)))
         try:
-            if pull is not None:
+            kv = None
+            if resume is not None:
+                kv = await self.puller.take(*resume)
+            elif pull is not None:
                 await self.puller.pull(*pull)
             stream = await self.engine.add_request(
                 request_id, prompt_token_ids, SamplingParams(**params, output_kind="delta"),
-                priority)
+                priority, kv)
         except BaseException:
             self._tokens.pop(request_id, None)
             self._shape.pop(request_id, None)
@@ -211,7 +225,8 @@ class LLMWorker:
 
     async def submit_many(self, channel_id: str, batch: list[tuple]
                           ) -> list[BaseException | None]:
-        """`submit` for a batch of (request id, prompt, params, priority[, pull]): an ingress
+        """`submit` for a batch of (request id, prompt, params, priority[, pull[, resume]]):
+        an ingress
         process keeps one such call in flight per worker, so a busy ingress makes few
         calls. Each item's error (ValueError for bad params, the engine's failure) is
         returned in its place, None where it started."""
@@ -228,6 +243,40 @@ class LLMWorker:
         """Take in another worker's prefix blocks (same model, dtype, block size); how many
         were new here. They show in this worker's KV events like blocks it computed."""
         return await self.engine.import_kv(kv)
+
+    async def migrate(self, hold_s: float = 60.0) -> tuple[int, int]:
+        """Move every request out (this worker is draining): each running one of a
+        single sample leaves the engine with its KV, held here for `hold_s` for the
+        worker its continuation lands on (`take_migrated`); one that has computed
+        nothing yet is handed over plainly. Requests of n > 1 samples stay (they finish
+        here, or are handed over at the drain's deadline). Returns (migrated, handed over)."""
+        live = [rid for ch in self._channels.values() for rid, task in ch.pumps.items()
+                if not task.done() and rid not in ch.failed]
+        moved, nothing = await self.engine.migrate_out(live)
+        drop_at = time.monotonic() + hold_s
+        for request_id, kv in moved.items():
+            self._migrated[request_id] = (kv, drop_at)
+        handed = await self.hand_over(nothing) if nothing else 0
+        if moved:
+            logger.info("worker %s: migrated %d request(s) with their KV (%.1f MiB)",
+                        self.worker_id, len(moved),
+                        sum(kv.nbytes for kv in moved.values()) / 2**20)
+        return len(moved), handed
+
+    def take_migrated(self, request_id: str):
+        """The KV of a request migrated off this worker (a `SequenceKV`, handed over by
+        Ray's object store), now no longer held here; None if it is not (any more)."""
+        held = self._migrated.pop(request_id, None)
+        return None if held is None else held[0]
+
+    def migrations_held(self) -> int:
+        """Migrated KV still waiting to be taken (what a drain waits for)."""
+        now = time.monotonic()
+        for request_id in [r for r, (_, drop_at) in self._migrated.items() if drop_at < now]:
+            logger.warning("worker %s: nobody took %s's migrated KV; dropping it",
+                           self.worker_id, request_id)
+            del self._migrated[request_id]
+        return len(self._migrated)
 
     async def add_lora(self, name: str, path: str) -> None:
         """Know (and load) an adapter at run time; ValueError naming the file if bad."""
@@ -278,13 +327,21 @@ class LLMWorker:
         return await self.hand_over(request_ids) if request_ids else 0
 
     async def _pump(self, ch: _ChannelState, request_id: str, stream) -> None:
-        from raysvc.engine.async_engine import EngineDeadError, RequestFailedError
+        from raysvc.engine.async_engine import (
+            EngineDeadError,
+            RequestFailedError,
+            RequestMigratedError,
+        )
 
         try:
             async for out in stream:  # delta outputs: pile them up until the channel sends
                 held = ch.latest.get(request_id)
                 ch.latest[request_id] = out if held is None else merge_outputs(held, out)
                 ch.moved.set()
+        except RequestMigratedError:  # left with its KV: continued elsewhere
+            ch.failed[request_id] = HandedOver(f"worker {self.worker_id} is draining",
+                                               migrated=True)
+            ch.moved.set()
         except RequestFailedError as e:  # this request alone: the engine serves on
             ch.failed[request_id] = RequestFailed(str(e))
             ch.moved.set()
@@ -307,7 +364,8 @@ class LLMWorker:
         batch, due = [], None
         for request_id, out in list(ch.latest.items()):
             last = ch.last_sent.get(request_id)
-            if interval and last is not None and not out.finished and now - last < interval:
+            if (interval and last is not None and not out.finished and now - last < interval
+                    and request_id not in ch.failed):
                 due = min(due or last + interval, last + interval)
                 continue
             del ch.latest[request_id]
@@ -321,7 +379,8 @@ class LLMWorker:
                 self._forget(ch, request_id)
         for request_id, error in ch.failed.items():
             if isinstance(error, HandedOver):
-                batch.append((request_id, StreamChunk(0, [], True, handed_over=True)))
+                batch.append((request_id, StreamChunk(0, [], True, handed_over=True,
+                                                      migrated=error.migrated)))
             elif isinstance(error, RequestFailed):
                 batch.append((request_id, StreamChunk(0, [], True, request_error=str(error))))
             else:

@@ -30,6 +30,14 @@ class RequestFailedError(RuntimeError):
     on. Replaying it elsewhere would fail the same way."""
 
 
+class RequestMigratedError(RuntimeError):
+    """The request left this engine with its KV (`migrate_out`): it continues elsewhere.
+    Its stream ends with this after every output the engine made for it here."""
+
+
+_MIGRATED = object()  # a migrated request's stream: nothing more comes
+
+
 class AsyncEngine:
     def __init__(self, model: str | None = None, proposer=None, **kwargs) -> None:
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs), proposer)
@@ -56,11 +64,13 @@ class AsyncEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         priority: int = 0,
+        resume_kv=None,
     ) -> AsyncIterator[RequestOutput]:
         """Enqueue a request; returns the async iterator of its outputs.
 
         Validation errors (ValueError naming the field) are raised here, before anything
         is queued. Each output is cumulative; the last one has `finished=True`.
+        `resume_kv`: a migrated sequence's KV (`LLMEngine.add_request`).
         """
         if self._dead is not None:
             raise EngineDeadError("engine step loop failed") from self._dead
@@ -73,7 +83,8 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         try:
-            await self._call(self.engine.add_request, request_id, prompt, params, priority)
+            await self._call(self.engine.add_request, request_id, prompt, params, priority,
+                             None, resume_kv)
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -108,6 +119,9 @@ class AsyncEngine:
         try:
             while not finished:
                 item = await queue.get()
+                if item is _MIGRATED:
+                    finished = True  # gone from the engine already: nothing to abort
+                    raise RequestMigratedError(f"request {request_id} left with its KV")
                 if isinstance(item, BaseException):
                     raise EngineDeadError("engine step loop failed") from item
                 finished = item.finished
@@ -133,6 +147,17 @@ class AsyncEngine:
 
     async def import_kv(self, kv) -> int:
         return await self._call(self.engine.import_kv, kv)
+
+    async def migrate_out(self, request_ids: list[str]) -> tuple[dict, list[str]]:
+        """`LLMEngine.migrate_out` between steps; each moved request's stream then ends
+        with `RequestMigratedError`, after the outputs of every step it ran here (those
+        were queued before this call's result arrives: one engine thread, in order)."""
+        moved, nothing = await self._call(self.engine.migrate_out, request_ids)
+        for request_id in moved:
+            queue = self._streams.get(request_id)
+            if queue is not None:
+                queue.put_nowait(_MIGRATED)
+        return moved, nothing
 
     async def add_lora(self, lora_request) -> None:
         """`LLMEngine.add_lora` on the engine thread (between steps)."""

@@ -21,6 +21,14 @@ from raysvc.engine.config import EngineConfig
 from raysvc.engine.detokenizer import detokenize_step, find_stop_string, visible_end
 from raysvc.engine.host_tier import HostTier
 from raysvc.engine.kv_cache import KVCache, plan_num_blocks
+from raysvc.engine.kv_transfer import (
+    SequenceKV,
+    carry_sequence,
+    export_blocks,
+    export_sequence,
+    import_blocks,
+    write_carried,
+)
 from raysvc.engine.loading import (
     draft_dtype,
     eos_token_ids,
@@ -124,6 +132,7 @@ class LLMEngine:
         self.kv_blocks_exported = 0  # prefix blocks sent to / taken from other engines
         self._kv_batches = 0  # KV event batches published
         self.kv_blocks_imported = 0
+        self.num_migrated_out = 0  # requests that left with their KV (migrate_out)
         self._grammars_lock = threading.Lock()
         self._kv_event_subscribers: list[Callable[[KVEventBatch], None]] = []
 
@@ -136,12 +145,15 @@ class LLMEngine:
         params: SamplingParams | None = None,
         priority: int = 0,
         lora_request: LoRARequest | None = None,
+        resume_kv: SequenceKV | None = None,
     ) -> None:
         """Validate and enqueue; a bad request raises ValueError and leaves no trace.
 
         `priority` (vLLM's: lower first) orders the waiting queue and picks preemption
         victims; equal priorities keep arrival order. `lora_request` (or
-        `params.lora_name`, an adapter known already) runs the request with that adapter."""
+        `params.lora_name`, an adapter known already) runs the request with that adapter.
+        `resume_kv`: the KV of a sequence migrated off another engine (`migrate_out`)
+        whose tokens start this prompt: they are not recomputed here."""
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority: expected an integer, got {priority!r}")
         params = params if params is not None else SamplingParams()
@@ -175,6 +187,10 @@ class LLMEngine:
                     matcher.accept_token(t) for t in token_ids[len(token_ids) - done:]):
                 raise ValueError("continued_output_tokens: the prompt's last "
                                  f"{done} tokens are not a start of its structured output")
+        if resume_kv is not None:
+            if params.n != 1:
+                raise ValueError("resume_kv: a migrated sequence continues as one sample (n=1)")
+            request.seqs[0].carried_kv = carry_sequence(self, resume_kv, token_ids)
         if params.lora_name is not None:
             # ValueError if unknown or unloadable
             request.lora = self.loras.acquire(params.lora_name)
@@ -200,8 +216,6 @@ class LLMEngine:
     def export_kv(self, block_hashes: list[bytes]):
         """The KV of the longest leading run of `block_hashes` held here, as a `KVBlocks`
         (raysvc.engine.kv_transfer), or None."""
-        from raysvc.engine.kv_transfer import export_blocks
-
         kv = export_blocks(self, block_hashes)
         self.kv_blocks_exported += kv.num_blocks if kv is not None else 0
         return kv
@@ -210,12 +224,32 @@ class LLMEngine:
         """Register a `KVBlocks` from another engine of this model in the prefix cache;
         how many blocks were new here. ValueError if it is not for this model, dtype,
         block size and layout."""
-        from raysvc.engine.kv_transfer import import_blocks
-
         n = import_blocks(self, kv)
         self.kv_blocks_imported += n
         self._publish_kv_events()
         return n
+
+    def migrate_out(self, request_ids: list[str]) -> tuple[dict[str, SequenceKV], list[str]]:
+        """Take requests off this engine with their KV, to continue elsewhere (a draining
+        worker's live migration). A request of one sample that has computed something
+        leaves with its `SequenceKV` and is gone from here (its blocks freed); one that
+        has computed nothing (never started, or preempted) is listed second: it has no KV
+        to move. Others (n > 1) stay."""
+        moved: dict[str, SequenceKV] = {}
+        nothing: list[str] = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.params.n != 1 or len(request.seqs) != 1:
+                continue
+            seq = request.seqs[0]
+            kv = export_sequence(self, seq) if not seq.is_finished else None
+            if kv is None:
+                nothing.append(request_id)
+                continue
+            moved[request_id] = kv
+            self.abort(request_id)
+            self.num_migrated_out += 1
+        return moved, nothing
 
     def loaded_loras(self) -> list[str]:
         """The adapters in host memory now (safe to read from another thread)."""
@@ -380,6 +414,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
+        for seq, first in batch.carried:
+            write_carried(self, seq, first)
         if self.loras is not None:
             self.runner.order_by_adapter(batch)
 
@@ -602,6 +638,9 @@ class LLMEngine:
             "kv_blocks_cached": bm.num_cached_free,
             "kv_blocks_exported": self.kv_blocks_exported,
             "kv_blocks_imported": self.kv_blocks_imported,
+            # live migration: requests that left with their KV, tokens that came with one
+            "num_migrated_out": self.num_migrated_out,
+            "kv_tokens_carried": self.scheduler.carried_tokens,
             # the host tier: prefix tokens it gave back for hits, blocks it holds now
             "prefix_cache_hits_host": bm.host.reloads * bm.block_size if bm.host else 0,
             "kv_host_blocks": bm.host.num_blocks if bm.host else 0,

@@ -13,7 +13,9 @@ sequences (`max_num_seqs`). That one rule covers everything:
   sequence preempted for them.
 
 A new (or preempted) sequence first takes the longest prefix of full blocks already in
-the pool (prefix caching), so only the rest is computed.
+the pool (prefix caching), so only the rest is computed. A sequence migrated from another
+engine brings its KV along (`carried_kv`): it takes blocks for those tokens too, the
+engine writes the bytes in, and only its last token is computed.
 
 With LoRA adapters, the running sequences use at most `max_loras` distinct adapters (the
 device slots a step has): a waiting sequence whose adapter would be one too many is
@@ -52,6 +54,9 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst)
+    # sequences admitted with a carried KV, and the first of their blocks it fills (the
+    # engine writes it before the forward pass)
+    carried: list[tuple[Sequence, int]] = field(default_factory=list)
     # id(LoRA adapter) -> its device slot, for a step with adapters (ModelRunner sets it)
     lora_slots: dict[int, int] | None = None
 
@@ -74,6 +79,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of those, tokens found
+        self.carried_tokens = 0  # tokens admitted with KV computed on another engine
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence behind every waiting one of the same or a better priority."""
@@ -137,8 +143,10 @@ class Scheduler:
                 continue
             cached = self.block_manager.find_cached_prefix(seq)
             num_cached = len(cached) * self.block_manager.block_size
-            n = min(seq.num_tokens - num_cached, budget)
-            copies = self.block_manager.allocate_slots(seq, n, cached=cached)
+            carried = seq.carried_kv.num_tokens - num_cached if seq.carried_kv else 0
+            carried = max(carried, 0)  # what the cache holds already is not written again
+            n = min(seq.num_tokens - num_cached - carried, budget)
+            copies = self.block_manager.allocate_slots(seq, carried + n, cached=cached)
             if copies is None:
                 break
             self.waiting.popleft()
@@ -147,6 +155,12 @@ class Scheduler:
             if self.block_manager.enable_prefix_caching:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += num_cached
+            if carried:
+                out.carried.append((seq, len(cached)))
+                seq.num_computed_tokens += carried
+                self.carried_tokens += carried
+            else:
+                seq.carried_kv = None  # the cache had all of it
             out.block_copies += copies
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -158,6 +172,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Drop the sequence's KV; it recomputes prompt + outputs when readmitted."""
         self.block_manager.free(seq)
+        seq.carried_kv = None
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

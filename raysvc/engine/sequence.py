@@ -71,6 +71,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks, as known
         self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
+        # a migrated sequence's KV computed on another engine (kv_transfer.CarriedKV):
+        # written into its blocks when it is admitted, so those tokens are not recomputed
+        self.carried_kv = None
         # speculative decoding: this step's proposals, set and cleared by the speculative
         # decoder alone (the scheduler only chooses how many of them it runs)
         self.proposal: Proposal | None = None
