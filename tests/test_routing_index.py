@@ -149,6 +149,26 @@ def test_a_busy_holder_gives_way_to_a_worker_that_pulls_only_when_pulling_is_fas
     assert placer.choose(workers, workers, prefix)[0] is workers[1] and placer.pull is None
 
 
+def test_a_handed_over_request_pulls_from_the_worker_it_avoids():
+    """A request handed over by a (draining, or shedding) worker is never placed back on
+    it, yet that worker holds its prefix: the ticket names it as the pull source."""
+    from raysvc.cluster.messages import WorkerLoad
+    from raysvc.cluster.placement import pull_cost
+
+    workers = [_worker(f"w{i}") for i in range(3)]
+    for w in workers:
+        w.info.kv_bytes_per_block = 50_000
+        w.pull_cost = pull_cost(w.info, WorkerLoad(
+            prefill_tokens_per_s=1_000, kv_bytes_per_s=1e9, pull_overhead_s=0.005))
+    placer = Placer(PlacementConfig())
+    prefix = hash_blocks(list(range(3, 323)), 16)
+    _admit(workers[0], prefix)
+    others = workers[1:]
+    pick, matched = placer.choose(others, others, prefix, avoided=workers[0])
+    assert pick in others and matched == 0 and placer.pull == (workers[0], len(prefix))
+    assert placer.choose(others, others, prefix)[0] in others and placer.pull is None
+
+
 def test_comparison_policies():
     workers = [_worker(f"w{i}") for i in range(4)]
     hashes = [hash_blocks([g] * 48, 16) for g in range(8)]

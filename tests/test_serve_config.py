@@ -101,6 +101,7 @@ def test_worker_range_defaults_and_errors():
                       ({"worker_autoscaling": {"upscale_delay_s": -1}}, "upscale_delay_s"),
                       ({"worker_autoscaling": {"scale_up_delay": 1}}, "scale_up_delay"),
                       ({"worker_autoscaling": {"downscale_delay_s": "5m"}}, "downscale_delay_s"),
+                      ({"worker_autoscaling": {"migrate_on_drain": "yes"}}, "migrate_on_drain"),
                       ({"ingress_autoscaling": {"max_replica": 4}}, "max_replica"),
                       ({"ingress_autoscaling": {"min_replicas": 3, "max_replicas": 2}},
                        "ingress_autoscaling")]:
