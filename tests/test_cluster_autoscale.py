@@ -4,8 +4,8 @@ workers it removes; every stream of both phases equals an undisturbed greedy run
 
 Node 0 (head) holds the router (pinned by a `control` resource, as on KubeRay's CPU head);
 nodes 1-3 each have room for one worker (`raysvc_worker`). Scaling knobs are shortened to
-seconds; the drain deadline (1.5 s) is shorter than the long streams, so the drained
-workers hand their streams over to the one that stays, mid-stream.
+seconds; the drained workers move their long streams to the one that stays, mid-stream,
+with their KV (live migration).
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ def test_burst_grows_to_max_then_trickle_shrinks_to_min_without_losing_a_token(c
         assert any("sustained" in d["reason"] for d in burst["scaling_decisions"])
 
         # trickle: three long streams, then a short one every second. One worker holding
-        # a long stream is drained by hand with a 1 s deadline: that stream is handed over
-        # mid-way; with demand worth < 1 worker the pool drains the rest to its minimum.
+        # a long stream is drained by hand: that stream moves mid-way, with its KV; with
+        # demand worth < 1 worker the pool drains the rest to its minimum.
         long_ones = [asyncio.create_task(load.one(i, 240)) for i in range(3)]
         busy = None
         while busy is None:
@@ -156,7 +156,7 @@ def test_burst_grows_to_max_then_trickle_shrinks_to_min_without_losing_a_token(c
     load, seen_states, final = asyncio.run(asyncio.wait_for(main(), 420))
     assert "draining" in seen_states
     assert final["ready_workers"] == 1 and final["target_workers"] == 1, final
-    assert final["requests_handed_over"] >= 1, final  # drained mid-stream, seamlessly
+    assert final["requests_migrated"] >= 1, final  # drained mid-stream, seamlessly
     wrong = [(key, r) for key, r in load.results if r != expected[key]]
     assert not wrong, wrong[:3]
     assert len(load.results) >= 24 + 3
