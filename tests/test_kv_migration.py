@@ -101,6 +101,24 @@ def test_a_migrated_sequence_continues_without_recompute(model, moved_after):
     assert_no_leaks(target.engine)
 
 
+def test_a_migrated_sequence_speculates_on_the_target(model):
+    """The target speculates (a draft model of its own, which has no KV for the sequence
+    yet: it catches up by itself); the verified output is still HF's greedy run."""
+    path, hf = model
+    prompt = _prompt(seed=5)
+    source = LLM(path, block_size=BLOCK)
+    target = LLM(path, block_size=BLOCK, speculative_config={
+        "method": "draft_model", "model": path, "num_speculative_tokens": 3})
+    source.engine.add_request("r", prompt, _params(TOTAL))
+    before = _run_until(source.engine, "r", outputs=5)
+    kv = source.engine.migrate_out(["r"])[0]["r"]
+    target.engine.add_request("r", prompt + before, _params(TOTAL - 5), resume_kv=kv)
+    assert before + _finish(target.engine, "r") == hf_greedy(hf, prompt, TOTAL)
+    stats = target.stats()
+    assert stats["kv_tokens_carried"] == kv.num_tokens and stats["spec_accepted_tokens"] > 0
+    assert_no_leaks(target.engine)
+
+
 def test_a_cached_prefix_on_the_target_is_used_and_the_rest_carried(model):
     path, hf = model
     prompt = _prompt(seed=1)
