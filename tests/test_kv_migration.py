@@ -159,6 +159,26 @@ def test_a_continuation_that_differs_uses_only_the_common_tokens(model):
     assert_no_leaks(target.engine)
 
 
+def test_prompt_logprobs_compute_every_prompt_position(model):
+    """A request moved mid-prefill that asks for prompt logprobs computes its prompt
+    again (each position's logprobs need its logits): nothing is carried."""
+    path, _ = model
+    prompt = _prompt(seed=6)
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+    source = LLM(path, block_size=BLOCK, max_num_batched_tokens=16)
+    source.engine.add_request("r", prompt, params)
+    _run_until(source.engine, "r", steps=1)
+    kv = source.engine.migrate_out(["r"])[0]["r"]
+    target = LLM(path, block_size=BLOCK)
+    target.engine.add_request("r", prompt, params, resume_kv=kv)
+    outs = []
+    while target.engine.has_unfinished_requests():
+        outs += target.engine.step()
+    (want,) = LLM(path, block_size=BLOCK).generate([prompt], params)
+    assert outs[-1].prompt_logprobs == want.prompt_logprobs
+    assert target.stats()["kv_tokens_carried"] == 0
+
+
 def test_kv_of_another_model_or_block_size_is_refused_naming_it(model, make_checkpoint):
     path, _ = model
     other, _ = make_checkpoint("llama", seed=1, hidden_size=32, intermediate_size=64)

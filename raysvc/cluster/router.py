@@ -621,7 +621,11 @@ class Router:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         handed_over = False
+        again = loop.time() + 1.0
         while worker.admitted and self._workers.get(worker_id) is worker:
+            if migrate and not handed_over and loop.time() > again:
+                await self._migrate(worker)  # requests that started there since
+                again = loop.time() + 1.0
             if loop.time() > deadline and not handed_over:
                 logger.warning("router: drain of %s passed its %gs deadline; handing %d "
                                "request(s) over", worker_id, timeout_s, len(worker.admitted))
@@ -651,8 +655,9 @@ class Router:
             return
         self.migrated += moved
         self.handed_over += handed
-        logger.info("router: %s migrated %d request(s) with their KV, handed %d over",
-                    worker.worker_id, moved, handed)
+        if moved or handed:
+            logger.info("router: %s migrated %d request(s) with their KV, handed %d over",
+                        worker.worker_id, moved, handed)
 
     async def _migrations_taken(self, worker: WorkerEntry, until: float) -> None:
         loop = asyncio.get_running_loop()

@@ -190,7 +190,9 @@ class LLMEngine:
         if resume_kv is not None:
             if params.n != 1:
                 raise ValueError("resume_kv: a migrated sequence continues as one sample (n=1)")
-            request.seqs[0].carried_kv = carry_sequence(self, resume_kv, token_ids)
+            carried = carry_sequence(self, resume_kv, token_ids)
+            if params.prompt_logprobs is None:  # else every prompt position is computed
+                request.seqs[0].carried_kv = carried
         if params.lora_name is not None:
             # ValueError if unknown or unloadable
             request.lora = self.loras.acquire(params.lora_name)
