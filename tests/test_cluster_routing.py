@@ -197,5 +197,24 @@ def test_drained_worker_migrates_its_streams_takes_no_more_and_leaves(cluster):
     assert w["kv_migration_failures"] == b["kv_migration_failures"]
     assert w["kv_tokens_carried"] > b["kv_tokens_carried"]
     assert w["kv_blocks_free"] == w["kv_blocks_total"] and w["requests_in_flight"] == 0
+    _wait_for_metrics(ray, ("raysvc_kv_migrations", "raysvc_kv_tokens_carried"))
     ray.get(router.add_worker.remote(victim, workers[victim]), timeout=60)
     assert len(ray.get(router.workers.remote(), timeout=30)) == 2
+
+
+def _wait_for_metrics(ray, names: tuple[str, ...]) -> None:
+    """Every metric of `names` shows on some node's Prometheus endpoint (as Ray exports
+    the router's records), with a non-zero sample."""
+    import urllib.request
+
+    urls = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+            for n in ray.nodes() if n["Alive"]]
+    deadline, missing = time.monotonic() + 60, list(names)
+    while missing and time.monotonic() < deadline:
+        text = "".join(urllib.request.urlopen(u, timeout=10).read().decode() for u in urls)
+        samples = [line for line in text.splitlines() if not line.startswith("#")]
+        missing = [n for n in names if not any(
+            line.startswith(f"ray_{n}_total") and float(line.split()[-1]) > 0
+            for line in samples)]
+        time.sleep(1)
+    assert not missing, missing

@@ -70,6 +70,22 @@ class ClusterMetrics:
                                     "Prompt tokens looked up in a worker's prefix cache.", tags)
         self.prefix_hits = _make("Counter", "raysvc_prefix_cache_hits",
                                  "Prompt tokens found in a worker's prefix cache.", tags)
+        # the kv fabric: KV moved between workers instead of recomputed
+        self.kv_pull_blocks = _make("Counter", "raysvc_kv_pull_blocks",
+                                    "Prefix blocks a worker pulled from another.", tags)
+        self.kv_pull_bytes = _make("Counter", "raysvc_kv_pull_bytes",
+                                   "KV bytes a worker pulled from another.", tags)
+        self.kv_pull_failures = _make("Counter", "raysvc_kv_pull_failures",
+                                      "Prefix pulls that failed (recomputed).", tags)
+        self.kv_migrations = _make("Counter", "raysvc_kv_migrations",
+                                   "Sequences a worker took in with their KV (live "
+                                   "migration off a draining worker).", tags)
+        self.kv_migration_failures = _make("Counter", "raysvc_kv_migration_failures",
+                                           "Migrated KV a worker failed to take "
+                                           "(recomputed).", tags)
+        self.kv_tokens_carried = _make("Counter", "raysvc_kv_tokens_carried",
+                                       "Tokens admitted with KV computed on another "
+                                       "worker.", tags)
 
         tags = ()
         self.workers_target = _make("Gauge", "raysvc_workers_target",
@@ -106,7 +122,14 @@ class ClusterMetrics:
                 (self.prefix_hits, load.prefix_cache_hits, prev.prefix_cache_hits),
                 (self.spec_drafts, load.spec_num_drafts, prev.spec_num_drafts),
                 (self.spec_draft_tokens, load.spec_draft_tokens, prev.spec_draft_tokens),
-                (self.spec_accepted, load.spec_accepted_tokens, prev.spec_accepted_tokens)):
+                (self.spec_accepted, load.spec_accepted_tokens, prev.spec_accepted_tokens),
+                (self.kv_pull_blocks, load.kv_pull_blocks, prev.kv_pull_blocks),
+                (self.kv_pull_bytes, load.kv_pull_bytes, prev.kv_pull_bytes),
+                (self.kv_pull_failures, load.kv_pull_failures, prev.kv_pull_failures),
+                (self.kv_migrations, load.kv_migrations_in, prev.kv_migrations_in),
+                (self.kv_migration_failures, load.kv_migration_failures,
+                 prev.kv_migration_failures),
+                (self.kv_tokens_carried, load.kv_tokens_carried, prev.kv_tokens_carried)):
             _inc(metric, new, old, tags)
         old_pos = prev.spec_accepted_tokens_per_position
         for pos, new in enumerate(load.spec_accepted_tokens_per_position):
