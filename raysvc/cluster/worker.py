@@ -225,10 +225,9 @@ class LLMWorker:
 
     async def submit_many(self, channel_id: str, batch: list[tuple]
                           ) -> list[BaseException | None]:
-        """`submit` for a batch of (request id, prompt, params, priority[, pull[, resume]]):
-        an ingress
-        process keeps one such call in flight per worker, so a busy ingress makes few
-        calls. Each item's error (ValueError for bad params, the engine's failure) is
+        """`submit` for a batch of (request id, prompt, params, priority[, pull, resume]):
+        an ingress process keeps one such call in flight per worker, so a busy ingress
+        makes few calls. Each item's error (ValueError for bad params, the engine's failure) is
         returned in its place, None where it started."""
         results = await asyncio.gather(*(self.submit(channel_id, *item) for item in batch),
                                        return_exceptions=True)
